@@ -1,0 +1,19 @@
+"""vadusa: several speech tokens per forward pass for codec language models."""
+
+from .accept import ACCEPTANCE_RULES
+from .decoders import DECODERS, build_decoder
+from .generate import GenerationOutput, generate, generate_ar
+from .heads import DraftHeads, HeadsConfig
+from .tree import Tree
+
+__all__ = [
+    "ACCEPTANCE_RULES",
+    "DECODERS",
+    "DraftHeads",
+    "GenerationOutput",
+    "HeadsConfig",
+    "Tree",
+    "build_decoder",
+    "generate",
+    "generate_ar",
+]

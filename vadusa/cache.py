@@ -1,0 +1,94 @@
+"""A pre-allocated KV cache for stock transformers models, with in-place compaction.
+
+transformers' `DynamicCache` grows by `torch.cat`, copying every layer's keys and values on every
+forward. `BufferCache` allocates each layer once (max_len positions) and writes new entries in
+place; `keep` compacts the cache to an accepted tree path without touching the prefix.
+Its layers are plain (non-sliding) layers whatever the model config says, so compaction never has
+to keep a sliding window's bookkeeping in sync (the 4D masks the engine passes decide visibility).
+"""
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class BufferLayer(DynamicLayer):
+    """One layer's keys/values in a buffer of `max_len` positions; `keys`/`values` are views of the filled part."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, dk = key_states.shape
+        self.key_buffer = key_states.new_zeros(b, h, self.max_len, dk)  # (B, heads, max_len, d)
+        self.value_buffer = value_states.new_zeros(b, h, self.max_len, value_states.shape[-1])
+        self._set_views()
+        self.is_initialized = True
+
+    def _set_views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, buffer holds max_len={self.max_len}")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # transformers 5.x convention: a negative count of positions to drop from the end.
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of positions to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self._set_views()
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Keep positions start + index (ascending, relative to start) at start, start+1, ...; drop the rest."""
+        if not self.is_initialized:
+            return
+        src = index + start  # (n,)
+        n = index.numel()
+        self.key_buffer[:, :, start : start + n] = self.key_buffer[:, :, src]
+        self.value_buffer[:, :, start : start + n] = self.value_buffer[:, :, src]
+        self.length = start + n
+        self._set_views()
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._set_views()
+
+
+class BufferCache(Cache):
+    """A `Cache` of `BufferLayer`s, one per decoder layer, each holding up to `max_len` positions."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        super().__init__(layers=[BufferLayer(max_len) for _ in range(num_layers)])
+        self.max_len = max_len
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Compact every layer to the prefix [0, start) followed by positions start + index."""
+        for layer in self.layers:
+            layer.keep(start, index)
+
+
+def num_decoder_layers(model) -> int:
+    """Number of attention layers of a stock transformers causal LM (Llama `num_hidden_layers`, GPT-2 `n_layer`)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the number of layers from config {type(config).__name__}")

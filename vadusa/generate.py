@@ -1,0 +1,280 @@
+"""Decoding loops: `generate` (draft heads -> tree -> one verification pass -> accept) and `generate_ar`.
+
+Both work on any stock transformers decoder-only causal LM through `model.base_model` (the body that
+returns hidden states) and `model.get_output_embeddings()` (the output layer), with batch size 1 and
+the same pre-allocated KV cache, so `generate_ar` is a fair baseline.
+
+Vocabulary of the loop (one step of `generate`):
+    root      the token already drawn from the base at the last accepted position (not yet in the cache)
+    tree      root + N candidate nodes filled from the heads' top-k, verified in ONE forward
+    walk      the acceptance rule goes down from the root while it accepts a child
+    next root the rule's own draw where the walk stopped
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList
+
+from .accept import get_rule
+from .cache import BufferCache, num_decoder_layers
+from .heads import DraftHeads
+from .tree import Tree
+
+_NO_CHILDREN = torch.empty(0, dtype=torch.long)
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # (1, prompt + new) prompt followed by the generated tokens
+    new_tokens: int  # number of generated tokens (EOS included when it was generated)
+    forward_passes: int  # forward passes of the base model, prefill included
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted by each pass after the prefill
+    seconds: float = 0.0  # wall time of the call
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(new_tokens,) the generated tokens alone."""
+        return self.sequences[0, self.sequences.shape[1] - self.new_tokens :]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens per verification pass (1.0 for auto-regressive decoding)."""
+        return sum(self.accepted_lengths) / max(1, len(self.accepted_lengths))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+# ----- small pure helpers -----
+def split_model(model):
+    """(body, output layer) of a transformers causal LM: body(...).last_hidden_state feeds the output layer."""
+    body, out = model.base_model, model.get_output_embeddings()
+    if body is model or out is None:
+        raise TypeError(f"{type(model).__name__} is not a transformers causal LM with a body and an output layer")
+    return body, out
+
+
+def check_prompt(input_ids: torch.Tensor) -> torch.Tensor:
+    """(T,) or (1, T) token ids -> (1, T); batch size > 1 and empty prompts raise."""
+    if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.long, torch.int):
+        raise TypeError(f"input_ids must be an integer tensor, got {type(input_ids).__name__}")
+    ids = input_ids.long().reshape(1, -1) if input_ids.dim() == 1 else input_ids.long()
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"only batch size 1 is supported for now, got input_ids of shape {tuple(input_ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: the prompt needs at least one token")
+    return ids
+
+
+def eos_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+
+def as_processor(logits_processor):
+    if logits_processor is None or isinstance(logits_processor, LogitsProcessorList):
+        return logits_processor or None
+    return LogitsProcessorList(logits_processor)
+
+
+def logits_to_probs(
+    scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k: int | None
+) -> torch.Tensor:
+    """(V,) logits -> (V,) probabilities: logits processors (reading `history`), then temperature, then top-k.
+
+    The order is transformers' own (processors, then temperature, then top-k), so `generate_ar` samples
+    exactly what `model.generate(do_sample=True, temperature=T, top_k=K)` samples. At temperature 0 the
+    distribution is the softmax of the processed scores and decoders take its argmax.
+    """
+    scores = scores.float().unsqueeze(0)  # (1, V)
+    if processor is not None:
+        scores = processor(history, scores)
+    if temperature > 0:
+        scores = scores / temperature
+        if top_k:
+            kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.softmax(scores, dim=-1)[0]
+
+
+def draw(probs: torch.Tensor, temperature: float, generator) -> int:
+    """One token from probs (argmax at temperature 0)."""
+    if temperature == 0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def take(tokens: list[int], budget: int, eos: set[int]) -> tuple[list[int], bool]:
+    """The tokens that may be emitted (at most `budget`, none after an EOS) and whether generation is done."""
+    kept = []
+    for t in tokens[:budget]:
+        kept.append(t)
+        if t in eos:
+            return kept, True
+    return kept, len(kept) == budget
+
+
+class _Decoding:
+    """What both loops share: the output buffer, the cache, stopping, streaming and timing."""
+
+    def __init__(self, model, input_ids, max_new_tokens, extra_positions, eos_token_id, streamer):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.start = time.perf_counter()
+        self.prompt = check_prompt(input_ids).to(model.device)
+        self.prompt_len = self.prompt.shape[1]
+        self.max_new_tokens = max_new_tokens
+        capacity = self.prompt_len + max_new_tokens + extra_positions
+        self.seq = torch.zeros(1, capacity, dtype=torch.long, device=model.device)  # prompt + emitted tokens
+        self.seq[:, : self.prompt_len] = self.prompt
+        self.length = self.prompt_len  # filled part of seq
+        self.cache = BufferCache(num_decoder_layers(model), capacity)
+        self.eos = eos_set(eos_token_id)
+        self.streamer = streamer
+        self.forward_passes = 0
+        self.accepted_lengths: list[int] = []
+        self.done = False
+        if streamer is not None:
+            streamer.put(self.prompt.cpu())  # as transformers' generate does, so skip_prompt streamers work
+
+    def emit(self, tokens: list[int]) -> None:
+        kept, self.done = take(tokens, self.max_new_tokens - (self.length - self.prompt_len), self.eos)
+        self.seq[0, self.length : self.length + len(kept)] = torch.tensor(kept, dtype=torch.long)
+        self.length += len(kept)
+        if self.streamer is not None and kept:
+            self.streamer.put(torch.tensor(kept, dtype=torch.long))
+
+    def output(self) -> GenerationOutput:
+        if self.streamer is not None:
+            self.streamer.end()
+        return GenerationOutput(
+            sequences=self.seq[:, : self.length].clone(),
+            new_tokens=self.length - self.prompt_len,
+            forward_passes=self.forward_passes,
+            accepted_lengths=self.accepted_lengths,
+            seconds=time.perf_counter() - self.start,
+        )
+
+
+@torch.inference_mode()
+def generate_ar(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id=None,
+    logits_processor=None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Auto-regressive decoding, one token per forward, on the same cache machinery as `generate`."""
+    body, out_layer = split_model(model)
+    processor = as_processor(logits_processor)
+    d = _Decoding(model, input_ids, max_new_tokens, 0, eos_token_id, streamer)
+    hidden = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
+    d.forward_passes = 1
+    while True:
+        probs = logits_to_probs(out_layer(hidden), d.seq[:, : d.length], processor, temperature, top_k)  # (V,)
+        d.emit([draw(probs, temperature, generator)])
+        if d.done:
+            return d.output()
+        token = d.seq[:, d.length - 1 : d.length]  # (1, 1)
+        hidden = body(input_ids=token, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]
+        d.forward_passes += 1
+        d.accepted_lengths.append(1)
+
+
+def draft_tokens(heads: DraftHeads, hidden, root: int, tree: Tree, history, processor) -> torch.Tensor:
+    """(N+1,) tree tokens: the root, then each node's (head, rank) pick from the heads' top-k."""
+    logits = heads(hidden.to(heads.out_weight.dtype))  # (H, V)
+    if processor is not None:
+        logits = processor(history.expand(logits.shape[0], -1), logits.float())
+    top = torch.topk(logits, tree.max_rank + 1, dim=-1).indices  # (H, K)
+    head, rank = tree.heads_and_ranks.unbind(-1)  # (N,), (N,)
+    return torch.cat([top.new_tensor([root]), top[head, rank]])  # (N+1,)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    heads: DraftHeads,
+    input_ids: torch.Tensor,
+    tree: Tree | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    acceptance: str = "tolerance",
+    tolerance: int = 3,
+    eos_token_id=None,
+    logits_processor=None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+    typical_epsilon: float = 0.09,
+    typical_alpha: float = 0.3,
+) -> GenerationOutput:
+    """Draft -> verify -> accept decoding (VADUSA). `tree` defaults to the top-1 chain over all heads.
+
+    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding.
+    """
+    tree = tree if tree is not None else Tree.chain(heads.config.num_heads)
+    tree.validate_for(heads.config.num_heads)
+    heads.check_compatible(model)
+    rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
+    body, out_layer = split_model(model)
+    processor = as_processor(logits_processor)
+    n = len(tree)
+    d = _Decoding(model, input_ids, max_new_tokens, n, eos_token_id, streamer)
+    device, dtype = model.device, out_layer.weight.dtype
+
+    # Buffers built once per call: the tree's additive mask lives in a prefix-wide buffer of zeros.
+    tree_bias = tree.attention_bias(dtype).to(device)  # (n, n)
+    mask = torch.zeros(1, 1, n, d.seq.shape[1], dtype=dtype, device=device)  # (1, 1, n, capacity)
+    depths = tree.depths.to(device)  # (n,)
+    children = [c.to(device) for c in tree.children]
+
+    hidden = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
+    d.forward_passes = 1
+    probs = logits_to_probs(out_layer(hidden), d.prompt, processor, temperature, top_k)
+    d.emit([rule(probs, _NO_CHILDREN, generator)[1]])
+    while not d.done:
+        past = d.length - 1  # cache holds everything before the root
+        root = int(d.seq[0, past])
+        tokens = draft_tokens(heads, hidden, root, tree, d.seq[:, : d.length], processor)  # (n,)
+
+        # Verify: ONE forward over root + tree nodes, each seeing the prefix and its own ancestors.
+        mask[..., past : past + n] = tree_bias
+        states = body(
+            input_ids=tokens[None],
+            attention_mask=mask[..., : past + n],
+            position_ids=(past + depths)[None],
+            past_key_values=d.cache,
+            use_cache=True,
+        ).last_hidden_state[0]  # (n, D)
+        mask[..., past : past + n] = 0
+        d.forward_passes += 1
+
+        # Walk down from the root while the rule accepts a child; history = prefix + the node's path.
+        node, path = 0, [0]
+        while True:
+            history = d.seq[:, : past + len(path)]
+            probs = logits_to_probs(out_layer(states[node]), history, processor, temperature, top_k)  # (V,)
+            kids = children[node]
+            j, next_root = rule(probs, tokens[kids], generator)
+            if j < 0:
+                break
+            node = int(kids[j])
+            d.seq[0, past + len(path)] = tokens[node]
+            path.append(node)
+
+        d.cache.keep(past, torch.tensor(path, device=device))
+        hidden = states[node]
+        accepted = tokens[path[1:]].tolist() + [next_root]
+        length_before = d.length
+        d.emit(accepted)
+        d.accepted_lengths.append(d.length - length_before)
+    return d.output()

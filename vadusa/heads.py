@@ -1,0 +1,117 @@
+"""Draft heads: H independent residual MLPs on the base model's last hidden state, one output layer each.
+
+Head k (0-based) reads the hidden state h_t of the last token x_t and predicts x_{t+2+k}: the base's
+own output layer already predicts x_{t+1}. Each head is `num_layers` blocks x + SiLU(W x + b) with W
+zero-initialised, then Linear(hidden, vocab) initialised as a copy of the base output layer, so a fresh
+head reproduces the base distribution. Weights are stacked along a leading head axis: every head has
+its own slice (no sharing), and all heads run in one batched matmul.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int = 4  # H: head k predicts the token k+2 positions after the last accepted one
+    num_layers: int = 1  # residual SiLU blocks per head before its output layer
+    hidden_size: int = 0  # the base model's hidden size the heads read
+    vocab_size: int = 0  # the base model's vocabulary size the heads write
+    base_model: str = ""  # name or path of the base model the heads were built for ("" = unknown)
+
+
+def model_dims(model) -> tuple[int, int, str]:
+    """(hidden size, vocab size, name or path) of a transformers causal LM, read off its output layer."""
+    out = model.get_output_embeddings()
+    vocab, hidden = out.weight.shape
+    return hidden, vocab, str(getattr(model.config, "_name_or_path", "") or "")
+
+
+class DraftHeads(nn.Module):
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        if config.num_heads < 1 or config.num_layers < 0:
+            raise ValueError(f"need num_heads >= 1 and num_layers >= 0, got {config.num_heads}, {config.num_layers}")
+        self.config = config
+        h, n, d, v = config.num_heads, config.num_layers, config.hidden_size, config.vocab_size
+        self.block_weight = nn.Parameter(torch.zeros(h, n, d, d))  # (H, L, D_out, D_in), zero: blocks start as identity
+        self.block_bias = nn.Parameter(torch.zeros(h, n, d))  # (H, L, D)
+        self.out_weight = nn.Parameter(torch.zeros(h, v, d))  # (H, V, D)
+
+    @classmethod
+    def from_model(cls, model, num_heads: int = 4, num_layers: int = 1) -> "DraftHeads":
+        """Fresh heads for `model`: residual blocks at zero, output layers copied (not shared) from the base."""
+        hidden, vocab, name = model_dims(model)
+        heads = cls(HeadsConfig(num_heads, num_layers, hidden, vocab, name))
+        base_out = model.get_output_embeddings().weight.detach()
+        with torch.no_grad():
+            heads.out_weight.copy_(base_out.to(heads.out_weight.dtype).expand(num_heads, -1, -1))
+        return heads.to(base_out.device)
+
+    def check_compatible(self, model) -> None:
+        """Raise a clear error if these heads were built for a model of another shape or name."""
+        hidden, vocab, name = model_dims(model)
+        c = self.config
+        if c.hidden_size != hidden:
+            raise ValueError(f"heads were built for hidden size {c.hidden_size}, the model has {hidden}")
+        if c.vocab_size != vocab:
+            raise ValueError(f"heads were built for vocabulary size {c.vocab_size}, the model has {vocab}")
+        if c.base_model and name and Path(c.base_model).name != Path(name).name:
+            raise ValueError(f"heads were built for base model {c.base_model!r}, the model is {name!r}")
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., H, D): each head's residual blocks applied to the same base hidden state."""
+        x = h.unsqueeze(-2).expand(*h.shape[:-1], self.config.num_heads, h.shape[-1])  # (..., H, D)
+        for layer in range(self.config.num_layers):
+            w, b = self.block_weight[:, layer], self.block_bias[:, layer]  # (H, D, D), (H, D)
+            x = x + nn.functional.silu(torch.einsum("...hi,hoi->...ho", x, w) + b)
+        return x
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., H, V) logits of every head."""
+        return torch.einsum("...hd,hvd->...hv", self.hidden(h), self.out_weight)
+
+    # ----- artifacts -----
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors into `directory`, each atomically (write then rename)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, d / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
+        os.replace(d / (WEIGHTS_NAME + ".tmp"), d / WEIGHTS_NAME)
+        (d / (CONFIG_NAME + ".tmp")).write_text(json.dumps(asdict(self.config), indent=2))
+        os.replace(d / (CONFIG_NAME + ".tmp"), d / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "DraftHeads":
+        """Load heads saved by `save_pretrained`; with `model`, check they were built for it."""
+        d = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"draft heads directory {d} has no {name}")
+        try:
+            config = HeadsConfig(**json.loads((d / CONFIG_NAME).read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{d / CONFIG_NAME} is not a valid heads config: {e}") from e
+        heads = cls(config)
+        try:
+            state = load_file(d / WEIGHTS_NAME)
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{d / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
+        try:
+            heads.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: {e}") from e
+        if model is not None:
+            heads.check_compatible(model)
+            heads.to(model.get_output_embeddings().weight.device)
+        return heads
