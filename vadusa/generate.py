@@ -199,6 +199,25 @@ def draft_tokens(heads: DraftHeads, hidden, root: int, tree: Tree, history, proc
     return torch.cat([top.new_tensor([root]), top[head, rank]])  # (N+1,)
 
 
+def verify(body, tokens, tree_bias, depths, mask, cache, past: int) -> torch.Tensor:
+    """ONE forward over root + tree nodes (n,), each node seeing the cached prefix and its own ancestors.
+
+    `mask` (1, 1, n, capacity) is a buffer of zeros: the (n, n) tree bias is written at the columns of
+    the tree, used, then cleared, so no mask is rebuilt per step. Returns the (n, D) last hidden states.
+    """
+    n = tokens.shape[0]
+    mask[..., past : past + n] = tree_bias
+    states = body(
+        input_ids=tokens[None],
+        attention_mask=mask[..., : past + n],
+        position_ids=(past + depths)[None],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[0]  # (n, D)
+    mask[..., past : past + n] = 0
+    return states
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -246,16 +265,7 @@ def generate(
         root = int(d.seq[0, past])
         tokens = draft_tokens(heads, hidden, root, tree, d.seq[:, : d.length], processor)  # (n,)
 
-        # Verify: ONE forward over root + tree nodes, each seeing the prefix and its own ancestors.
-        mask[..., past : past + n] = tree_bias
-        states = body(
-            input_ids=tokens[None],
-            attention_mask=mask[..., : past + n],
-            position_ids=(past + depths)[None],
-            past_key_values=d.cache,
-            use_cache=True,
-        ).last_hidden_state[0]  # (n, D)
-        mask[..., past : past + n] = 0
+        states = verify(body, tokens, tree_bias, depths, mask, d.cache, past)  # (n, D)
         d.forward_passes += 1
 
         # Walk down from the root while the rule accepts a child; history = prefix + the node's path.
