@@ -19,7 +19,7 @@ def wide_tree(n: int) -> Tree:
     return Tree.from_paths([[r] for r in range(n - 1)]) if n > 1 else None
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def verify_seconds(model, n: int, prefix_len: int = 128, repeats: int = 20, warmup: int = 3) -> float:
     """Median seconds of one engine verification pass over n nodes after a cached prefix of prefix_len tokens."""
     body, out_layer = split_model(model)

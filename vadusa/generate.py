@@ -32,6 +32,7 @@ class GenerationOutput:
     forward_passes: int  # forward passes of the base model, prefill included
     accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted by each pass after the prefill
     seconds: float = 0.0  # wall time of the call
+    cache: object = field(default=None, repr=False)  # KV cache of sequences[:, :-1], to continue from
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -151,16 +152,20 @@ class _Decoding:
     def output(self) -> GenerationOutput:
         if self.streamer is not None:
             self.streamer.end()
+        extra = self.cache.get_seq_length() - (self.length - 1)  # tree nodes past a truncation at EOS / budget
+        if extra > 0:
+            self.cache.crop(-extra)
         return GenerationOutput(
             sequences=self.seq[:, : self.length].clone(),
             new_tokens=self.length - self.prompt_len,
             forward_passes=self.forward_passes,
             accepted_lengths=self.accepted_lengths,
             seconds=time.perf_counter() - self.start,
+            cache=self.cache,
         )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_ar(
     model,
     input_ids: torch.Tensor,
@@ -218,7 +223,7 @@ def verify(body, tokens, tree_bias, depths, mask, cache, past: int) -> torch.Ten
     return states
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     model,
     heads: DraftHeads,

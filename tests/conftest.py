@@ -1,0 +1,78 @@
+"""Tiny random models built in the tests (no downloads) and draft heads fitted to them in a second."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import vadusa
+
+torch.set_num_threads(1)
+
+
+def tiny_llama(vocab: int = 48, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab: int = 48, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=None, eos_token_id=None
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+TEST_PROMPT = [3, 17, 5, 40, 22, 9]  # the prompt the greedy tests decode from
+
+
+def fitted_heads(model, num_heads: int = 4, steps: int = 150, seed: int = 0) -> vadusa.DraftHeads:
+    """Random (non-zero) heads, then a few Adam steps towards the model's own greedy future tokens.
+
+    Gives heads that are right often enough for several tokens to be accepted per step, so tests
+    exercise the multi-token path, while still being wrong at times (rank > 0 nodes matter).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    heads = vadusa.DraftHeads.from_model(model, num_heads=num_heads, num_layers=1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    vocab = heads.config.vocab_size
+    prompts = torch.randint(0, vocab, (31, len(TEST_PROMPT)), generator=gen)
+    prompts = torch.cat([prompts, torch.tensor([TEST_PROMPT]) % vocab])
+    with torch.no_grad():  # the model's own futures: greedy, then sampled continuations of the same prompts
+        greedy = model.generate(prompts, max_new_tokens=120, do_sample=False, min_new_tokens=120)
+        sampled = model.generate(prompts, max_new_tokens=120, do_sample=True, top_k=0, min_new_tokens=120)
+        seqs = torch.cat([greedy, sampled])
+        hidden = model(seqs, output_hidden_states=True).hidden_states[-1]  # (B, T, D)
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
+    for _ in range(steps):
+        logits = heads(hidden)  # (B, T, H, V)
+        loss = sum(
+            torch.nn.functional.cross_entropy(logits[:, : -(k + 2), k].reshape(-1, vocab), seqs[:, k + 2 :].reshape(-1))
+            for k in range(num_heads)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return heads.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def medusa_tree() -> vadusa.Tree:
+    import json
+    from pathlib import Path
+
+    local = Path(__file__).parent / "data" / "medusa_mc_sim_7b_63.json"
+    return vadusa.Tree.from_paths(json.loads(local.read_text())["paths"])
