@@ -210,3 +210,28 @@ def test_bad_inputs_raise(model_and_heads):
         vadusa.generate(tiny_llama(vocab=40), heads, torch.tensor([[1]]))
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         vadusa.generate_ar(model, torch.tensor([[1]]), max_new_tokens=0)
+
+
+def test_sampled_ar_equals_transformers_sampling_on_the_same_seed(model_and_heads):
+    """generate_ar draws exactly what model.generate draws: the same processors, warpers and RNG calls."""
+    model, _ = model_and_heads
+    prompt = torch.tensor([TEST_PROMPT])
+    processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)])
+    ours = vadusa.generate_ar(
+        model,
+        prompt,
+        max_new_tokens=60,
+        temperature=0.8,
+        top_k=10,
+        logits_processor=processor,
+        generator=torch.Generator().manual_seed(5),
+    )
+    hf = vadusa.build_decoder("hf-generate", model)(
+        prompt,
+        max_new_tokens=60,
+        temperature=0.8,
+        top_k=10,
+        logits_processor=processor,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert torch.equal(ours.sequences, hf.sequences)

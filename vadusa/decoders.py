@@ -9,10 +9,15 @@ pipeline, the CLI and the A/B harness only ever call `build_decoder`; adding a b
 in DECODERS.
 """
 
+import inspect
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .generate import GenerationOutput, generate_ar
+import torch
+from transformers import GenerationConfig
+
+from .generate import GenerationOutput, as_processor, check_prompt, generate_ar
 
 Run = Callable[..., GenerationOutput]
 
@@ -21,11 +26,57 @@ def _ar(model, assets: Path | None = None) -> Run:
     return lambda input_ids, **kw: generate_ar(model, input_ids, **kw)
 
 
-DECODERS: dict[str, Callable[..., Run]] = {"ar": _ar}
+def _hf_generate(model, assets: Path | None = None) -> Run:
+    """transformers' own `model.generate` with its KV cache: the baseline a user would otherwise run."""
+
+    def run(
+        input_ids,
+        max_new_tokens=256,
+        temperature=1.0,
+        top_k=None,
+        eos_token_id=None,
+        logits_processor=None,
+        streamer=None,
+        generator=None,
+    ) -> GenerationOutput:
+        start = time.perf_counter()
+        prompt = check_prompt(input_ids).to(model.device)
+        if generator is not None:  # generate() samples from the global RNG: seed it from the generator
+            torch.manual_seed(generator.initial_seed())
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": 1.0}
+        config = GenerationConfig(
+            **(sampling if temperature > 0 else {"do_sample": False}),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id if isinstance(eos_token_id, int) else None,
+        )
+        sequences = model.generate(
+            prompt, generation_config=config, logits_processor=as_processor(logits_processor), streamer=streamer
+        )
+        new = sequences.shape[1] - prompt.shape[1]
+        return GenerationOutput(sequences, new, new, [1] * (new - 1), time.perf_counter() - start)
+
+    return run
+
+
+DECODERS: dict[str, Callable[..., Run]] = {"ar": _ar, "hf-generate": _hf_generate}
 
 
 def build_decoder(name: str, model, assets: Path | None = None, **options) -> Run:
     """Bind decoder `name` to `model`; `assets` is the directory holding its artifacts (heads, trees...)."""
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; expected one of {sorted(DECODERS)}")
+    check_options(name, options)
     return DECODERS[name](model, assets, **options)
+
+
+def decoder_options(name: str) -> list[str]:
+    """The option names decoder `name` accepts when it is built."""
+    params = list(inspect.signature(DECODERS[name]).parameters.values())[2:]  # after (model, assets)
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def check_options(name: str, options: dict) -> None:
+    unknown = sorted(set(options) - set(decoder_options(name)))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; it accepts {decoder_options(name)}")
