@@ -1,0 +1,101 @@
+import json
+import statistics
+
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+from vadusa.bench import (
+    BenchTask,
+    RowSpec,
+    pareto_front,
+    parse_configs,
+    prepare_out_dir,
+    read_texts,
+    run_benchmark,
+    validate_report,
+    write_report,
+)
+
+
+def stand_in_judge(text: str, tokens: torch.Tensor) -> float:
+    """A deterministic stand-in for the speech judge: share of odd tokens."""
+    return float((tokens % 2).float().mean())
+
+
+@pytest.fixture(scope="module")
+def report():
+    model = tiny_llama()
+    task = BenchTask(
+        model=model,
+        texts=["one", "two", "three"],
+        prompts=[torch.tensor([[i + 1, 7, 9]]) for i in range(3)],
+        max_new_tokens=[24, 30, 18],
+        score=stand_in_judge,
+        tokens_per_audio_second=25.0,
+    )
+    return run_benchmark(task, parse_configs("ar:temperature=0|0.7"), repeats=3, progress=False, command="test")
+
+
+def test_report_follows_schema_and_speedups_are_measured_ratios(report, tmp_path):
+    validate_report(report)
+    rows = {(r["decoder"], json.dumps(r["config"])): r for r in report["rows"]}
+    assert list(rows) == [
+        ("hf-generate", "{}"),
+        ("ar", "{}"),
+        ("ar", '{"temperature": 0}'),
+        ("ar", '{"temperature": 0.7}'),
+    ]
+    ar, hf = rows[("ar", "{}")], rows[("hf-generate", "{}")]
+    for r in report["rows"]:
+        tps = statistics.median(t / s for t, s in zip(r["new_tokens"], r["seconds"], strict=True))
+        assert r["tokens_per_second"] == pytest.approx(tps)
+        assert r["speedup_vs_ar"] == pytest.approx(tps / ar["tokens_per_second"])
+        assert r["speedup_vs_hf"] == pytest.approx(tps / hf["tokens_per_second"])
+        assert r["new_tokens"] == [72] * 3  # no EOS: every text runs to its cap, every repeat
+        assert r["forward_passes_per_token"] == pytest.approx(1.0) and r["mean_accepted"] == 1.0
+        assert 0 <= r["cer"] <= 1 and r["rtf"] > 0 and r["peak_mem_mb"] > 0 and r["nll_per_token"] > 0
+    assert ar["speedup_vs_ar"] == 1.0
+    # greedy rows decode the same tokens: same stand-in CER; the sampled row is scored on its own tokens
+    assert rows[("ar", '{"temperature": 0}')]["nll_per_token"] < rows[("ar", "{}")]["nll_per_token"]
+
+    out = write_report(report, tmp_path / "out")
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    table = (out / "report.md").read_text().splitlines()
+    assert sum(line.startswith("| ar") or line.startswith("| hf") for line in table) == 4
+
+
+def test_pareto_front():
+    # (error, speed-up): (0.3, 1.0) is dominated by (0.2, 2.0); (0.1, 1.5) and (0.2, 2.0) are not
+    assert pareto_front([(0.1, 1.5), (0.2, 2.0), (0.3, 1.0)]) == [0, 1]
+
+
+def test_config_parsing_and_sweeps():
+    rows = parse_configs("ar; hf-generate:temperature=0.5|1.0,top_k=5")
+    assert [r.label for r in rows] == [
+        "ar",
+        "hf-generate temperature=0.5 top_k=5",
+        "hf-generate temperature=1.0 top_k=5",
+    ]
+    assert rows[1].sampling_options() == {"temperature": 0.5, "top_k": 5} and rows[1].factory_options() == {}
+    assert RowSpec("ar").label == "ar"
+
+
+def test_bad_inputs_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown decoder 'turbo'"):
+        parse_configs("ar; turbo:x=1")
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['tree'\\] for decoder 'ar'"):
+        parse_configs("ar:tree=auto")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_configs("ar:temperature")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_texts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="no non-empty line"):
+        read_texts(tmp_path / "empty.txt")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        prepare_out_dir(tmp_path / "file")
+    with pytest.raises(ValueError, match="lacks"):
+        validate_report({"machine": {}, "command": "", "rows": [{"decoder": "ar"}]})

@@ -1,0 +1,413 @@
+"""A/B harness: every decoder on the same texts with the same seeds, rows interleaved, one report.
+
+    report = run_benchmark(task, parse_configs("ar; vadusa:tolerance=1|2|3|4"), repeats=3)
+    write_report(report, out_dir)   # report.json, report.md, pareto.png (atomic writes)
+
+Rows are built through `vadusa.decoders.build_decoder`, so every registered decoder can be compared.
+The baselines `hf-generate` (transformers' generate) and `ar` (generate_ar) are always part of a run:
+speed-ups are ratios of tokens per second measured in the same process, on the same texts and seeds.
+
+report.json schema (stable; extra keys may be added, none removed):
+    machine   {"cpu", "cores", "torch", "transformers", "threads", "device", "python", "date"}
+    command   the command line that produced the report
+    texts, repeats, seed
+    rows      [{"decoder", "config", "tokens_per_second", "speedup_vs_ar", "speedup_vs_hf", "mean_accepted",
+                "forward_passes_per_token", "cer", "nll_per_token", "rtf", "peak_mem_mb",
+                "seconds": [per repeat], "new_tokens": [per repeat]}]
+    tokens_per_second = median over repeats of (new tokens / seconds) summed over all texts;
+    mean_accepted = tokens per verification pass after the prefill; cer = mean judge CER over texts (null
+    without a judge); nll_per_token = the base model's NLL of the generated tokens (teacher-forced, raw
+    logits at temperature 1: a drift measure); rtf = decoding seconds / audio seconds (null without audio);
+    peak_mem_mb = peak resident memory of the process while the row ran (CUDA: peak allocated).
+"""
+
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .decoders import DECODERS, build_decoder, check_options
+
+BASELINES = ("hf-generate", "ar")
+SAMPLING_KEYS = ("temperature", "top_k")  # row options passed to each call rather than to the factory
+ROW_KEYS = (
+    "decoder",
+    "config",
+    "tokens_per_second",
+    "speedup_vs_ar",
+    "speedup_vs_hf",
+    "mean_accepted",
+    "forward_passes_per_token",
+    "cer",
+    "nll_per_token",
+    "rtf",
+    "peak_mem_mb",
+)
+
+
+@dataclass
+class RowSpec:
+    decoder: str  # a name in vadusa.decoders.DECODERS
+    config: dict = field(default_factory=dict)  # factory options + sampling options (temperature, top_k)
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.decoder] + [f"{k}={v}" for k, v in self.config.items()])
+
+    def factory_options(self) -> dict:
+        return {k: v for k, v in self.config.items() if k not in SAMPLING_KEYS}
+
+    def sampling_options(self) -> dict:
+        return {k: v for k, v in self.config.items() if k in SAMPLING_KEYS}
+
+
+@dataclass
+class BenchTask:
+    model: object  # the base causal LM every row decodes with
+    texts: list[str]  # the texts; one prompt per text
+    prompts: list[torch.Tensor]  # (1, T) prompt ids per text
+    max_new_tokens: list[int]  # generation cap per text
+    eos_token_id: int | None = None  # stop token
+    logits_processor: object = None  # e.g. the TTS's unit-token restriction
+    assets: Path | None = None  # directory of decoder artifacts (heads/, block/...)
+    score: Callable[[str, torch.Tensor], float] | None = None  # (text, generated tokens) -> CER; None: no judge
+    tokens_per_audio_second: float | None = None  # unit rate, for the real-time factor; None: no audio
+    temperature: float = 1.0  # default sampling temperature of every row
+
+
+# ----- configs -----
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_configs(spec: str) -> list[RowSpec]:
+    """'ar; vadusa:tolerance=1|2,tree=auto; block:threshold=0.02' -> rows; `a|b` sweeps (Cartesian product)."""
+    rows = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, options = part.partition(":")
+        name = name.strip()
+        if name not in DECODERS:
+            raise ValueError(f"unknown decoder {name!r} in --configs; expected one of {sorted(DECODERS)}")
+        keys, choices = [], []
+        for item in filter(None, (o.strip() for o in options.split(","))):
+            key, eq, values = item.partition("=")
+            if not eq or not values:
+                raise ValueError(f"config item {item!r} of {name!r} must look like key=value or key=v1|v2")
+            keys.append(key.strip())
+            choices.append([_value(v.strip()) for v in values.split("|")])
+        for combo in itertools.product(*choices):
+            row = RowSpec(name, dict(zip(keys, combo, strict=True)))
+            check_options(name, row.factory_options())
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"--configs {spec!r} names no decoder")
+    return rows
+
+
+def with_baselines(rows: list[RowSpec]) -> list[RowSpec]:
+    """The baselines first (added when missing), then the other rows, without duplicates."""
+    out: list[RowSpec] = []
+    for row in [RowSpec(b) for b in BASELINES] + rows:
+        if not any(r.label == row.label for r in out):
+            out.append(row)
+    return out
+
+
+# ----- measurement -----
+class PeakMemory:
+    """Peak memory per row: a thread samples this process's resident set every few ms (CUDA: peak allocated)."""
+
+    def __init__(self, rows: int):
+        self.peak = [0.0] * rows
+        self.row = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def resident_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError):
+            return 0.0
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            if self.row is not None:
+                self.peak[self.row] = max(self.peak[self.row], self.resident_mb())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@torch.no_grad()
+def nll_per_token(model, sequences: list[torch.Tensor], new_tokens: list[int]) -> float:
+    """Mean NLL (nats) of the generated tokens under the base model, one teacher-forced pass per sequence."""
+    total, count = 0.0, 0
+    for seq, n in zip(sequences, new_tokens, strict=True):
+        if n == 0:
+            continue
+        logp = torch.log_softmax(model(seq).logits[0, -n - 1 : -1].float(), dim=-1)  # (n, V)
+        total -= float(logp.gather(1, seq[0, -n:, None]).sum())
+        count += n
+    return total / max(count, 1)
+
+
+def machine_info() -> dict:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def run_benchmark(
+    task: BenchTask,
+    rows: list[RowSpec],
+    repeats: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Run every row on every text `repeats` times, interleaved; return the report dict (see module doc)."""
+    if not task.texts or len(task.prompts) != len(task.texts):
+        raise ValueError(f"need one prompt per text, got {len(task.texts)} texts and {len(task.prompts)} prompts")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    rows = with_baselines(rows)
+    runs = [build_decoder(r.decoder, task.model, task.assets, **r.factory_options()) for r in rows]
+
+    def call(k: int, i: int, run_seed: int):
+        kwargs = {"temperature": task.temperature, **rows[k].sampling_options()}
+        return runs[k](
+            task.prompts[i],
+            max_new_tokens=task.max_new_tokens[i],
+            eos_token_id=task.eos_token_id,
+            logits_processor=task.logits_processor,
+            generator=torch.Generator().manual_seed(run_seed),
+            **kwargs,
+        )
+
+    for k in range(len(rows)):  # warm-up: every row once, untimed
+        call(k, 0, seed)
+
+    n_rows, n_texts = len(rows), len(task.texts)
+    seconds = [[0.0] * repeats for _ in rows]
+    tokens = [[0] * repeats for _ in rows]
+    passes, accepted, steps = [0] * n_rows, [0] * n_rows, [0] * n_rows
+    first = [[None] * n_texts for _ in rows]  # outputs of repeat 0, scored for CER and NLL
+    bar = tqdm(total=repeats * n_texts * n_rows, desc="compare", disable=not progress)
+    with PeakMemory(n_rows) as memory:
+        for rep, i in itertools.product(range(repeats), range(n_texts)):
+            run_seed = seed + 1000 * rep + i  # every row decodes text i of repeat rep with the same seed
+            shift = (rep * n_texts + i) % n_rows
+            for k in list(range(n_rows))[shift:] + list(range(n_rows))[:shift]:  # rotate who goes first
+                memory.row = k
+                out = call(k, i, run_seed)
+                memory.row = None
+                seconds[k][rep] += out.seconds
+                tokens[k][rep] += out.new_tokens
+                passes[k] += out.forward_passes
+                accepted[k] += sum(out.accepted_lengths)
+                steps[k] += len(out.accepted_lengths)
+                if rep == 0:
+                    first[k][i] = out
+                bar.update()
+    bar.close()
+
+    tps = [statistics.median(t / s for t, s in zip(tokens[k], seconds[k], strict=True)) for k in range(n_rows)]
+    report_rows = []
+    for k, row in enumerate(rows):
+        outs = first[k]
+        cer = (
+            statistics.mean(task.score(text, o.tokens) for text, o in zip(task.texts, outs, strict=True))
+            if task.score
+            else None
+        )
+        audio = sum(o.new_tokens for o in outs) / task.tokens_per_audio_second if task.tokens_per_audio_second else 0
+        report_rows.append(
+            {
+                "decoder": row.decoder,
+                "config": row.config,
+                "tokens_per_second": tps[k],
+                "speedup_vs_ar": tps[k] / tps[rows.index(next(r for r in rows if r.decoder == "ar"))],
+                "speedup_vs_hf": tps[k] / tps[rows.index(next(r for r in rows if r.decoder == "hf-generate"))],
+                "mean_accepted": accepted[k] / max(steps[k], 1),
+                "forward_passes_per_token": passes[k] / max(sum(tokens[k]), 1),
+                "cer": cer,
+                "nll_per_token": nll_per_token(task.model, [o.sequences for o in outs], [o.new_tokens for o in outs]),
+                "rtf": sum(o.seconds for o in outs) / audio if audio else None,
+                "peak_mem_mb": memory.peak[k],
+                "seconds": seconds[k],
+                "new_tokens": tokens[k],
+            }
+        )
+    return {
+        "machine": machine_info(),
+        "command": command or " ".join(sys.argv),
+        "texts": n_texts,
+        "repeats": repeats,
+        "seed": seed,
+        "rows": report_rows,
+    }
+
+
+def validate_report(report: dict) -> None:
+    """Raise ValueError if `report` does not follow the documented schema."""
+    for key in ("machine", "command", "rows"):
+        if key not in report:
+            raise ValueError(f"report has no {key!r}")
+    for row in report["rows"]:
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"row {row.get('decoder')!r} lacks {missing}")
+        numeric = (
+            "tokens_per_second",
+            "speedup_vs_ar",
+            "speedup_vs_hf",
+            "mean_accepted",
+            "forward_passes_per_token",
+            "nll_per_token",
+            "peak_mem_mb",
+        )
+        for k in numeric:
+            if not isinstance(row[k], int | float):
+                raise ValueError(f"row {row['decoder']!r}: {k} must be a number, got {row[k]!r}")
+        for k in ("cer", "rtf"):
+            if row[k] is not None and not isinstance(row[k], int | float):
+                raise ValueError(f"row {row['decoder']!r}: {k} must be a number or null, got {row[k]!r}")
+        if row["decoder"] not in DECODERS or not isinstance(row["config"], dict):
+            raise ValueError(f"row has an unknown decoder {row['decoder']!r} or a config that is not a dict")
+
+
+# ----- outputs -----
+def _fmt(v, digits=2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(report: dict) -> str:
+    """The rows as a Markdown table, fastest first."""
+    m = report["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads), "
+        f"{report['texts']} texts x {report['repeats']} repeats: `{report['command']}`",
+        "",
+        "| decoder | config | tokens/s | vs ar | vs hf | accepted/step | passes/token | CER | NLL/token | RTF "
+        "| peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(report["rows"], key=lambda r: -r["speedup_vs_ar"]):
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "-"
+        lines.append(
+            f"| {r['decoder']} | {config} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
+            f"{r['speedup_vs_hf']:.2f}x | {r['mean_accepted']:.2f} | {r['forward_passes_per_token']:.3f} | "
+            f"{_fmt(r['cer'], 3)} | {r['nll_per_token']:.3f} | {_fmt(r['rtf'], 3)} | {r['peak_mem_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (error, speed-up) that no other point beats on both (lower error, higher speed)."""
+    return [
+        i
+        for i, (e, s) in enumerate(points)
+        if not any((e2 <= e and s2 >= s) and (e2 < e or s2 > s) for e2, s2 in points)
+    ]
+
+
+def plot_pareto(report: dict, path: Path) -> None:
+    """Speed-up vs CER (or NLL without a judge), one marker per row, the frontier drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    use_cer = all(r["cer"] is not None for r in rows)
+    x_key = "cer" if use_cer else "nll_per_token"
+    points = [(r[x_key], r["speedup_vs_ar"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r, (x, y) in zip(rows, points, strict=True):
+        ax.scatter(x, y, s=30)
+        label = r["decoder"] + (" " + ",".join(f"{k}={v}" for k, v in r["config"].items()) if r["config"] else "")
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto frontier")
+    ax.set_xlabel("CER (judge)" if use_cer else "NLL per token under the base (nats)")
+    ax.set_ylabel("speed-up vs ar (tokens/s ratio)")
+    ax.set_title(f"vadusa A/B: {report['texts']} texts, {report['machine']['threads']} threads")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out-dir {out} exists and is a file; expected a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    """Write report.json, report.md and pareto.png into out_dir, each atomically (an earlier report stays whole)."""
+    validate_report(report)
+    out = prepare_out_dir(out_dir)
+    _write_atomic(out / "report.json", json.dumps(report, indent=2))
+    _write_atomic(out / "report.md", markdown_table(report))
+    plot_pareto(report, out / "pareto.png")
+    return out
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """Non-empty lines of a texts file; a missing or empty file raises."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"texts file {p} does not exist")
+    texts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"texts file {p} has no non-empty line")
+    return texts
