@@ -2,39 +2,38 @@
 
     python benchmarks/step_cost.py [--model DIR] [--threads 2] [--prefix 128] [--repeats 30]
 
-Prints, for n in 1, 4, 8, 16, 32, 64, 128: the engine's verification pass (vadusa.cost.verify_seconds:
+Prints, for n in 1, 4, 8, 16, 32, 64, 128: the engine's verification pass (vadusa.cost.verify_pass:
 4D tree mask, position ids, pre-allocated cache), a bare `model(...)` forward of the same n tokens on a
-DynamicCache with transformers' own causal mask, and their ratio (the engine's overhead). Without
+DynamicCache with transformers' own causal mask, and their ratio (the engine's overhead), all
+interleaved round by round and reported as medians. Without
 --model it uses the shipped demo LM if present, else a random 4-layer 256-wide Llama.
 """
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from vadusa.cost import verify_seconds
+from vadusa.cost import interleaved_medians, verify_pass
 
 DEMO_LM = Path(__file__).resolve().parents[1] / "vadusa" / "assets" / "demo" / "lm"
 
 
-@torch.no_grad()
-def bare_forward_seconds(model, n: int, prefix_len: int, repeats: int, warmup: int = 3) -> float:
+def bare_forward(model, n: int, prefix_len: int):
+    """A closure running a plain `model(...)` forward of n tokens on a DynamicCache, then cropping it back."""
     vocab = model.get_output_embeddings().weight.shape[0]
     cache = DynamicCache()
-    model(torch.randint(0, vocab, (1, prefix_len)), past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        model(torch.randint(0, vocab, (1, prefix_len)), past_key_values=cache, use_cache=True)
     tokens = torch.randint(0, vocab, (1, n))
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
+
+    @torch.no_grad()
+    def run():
         model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
         cache.crop(-n)
-    return statistics.median(times)
+
+    return run
 
 
 def load_model(path: str | None):
@@ -68,11 +67,13 @@ def main():
         f"prefix {args.prefix}"
     )
     print("nodes | engine verify ms | x AR step | bare forward ms | engine / bare")
-    ar = None
-    for n in (1, 4, 8, 16, 32, 64, 128):
-        engine = verify_seconds(model, n, args.prefix, args.repeats)
-        bare = bare_forward_seconds(model, n, args.prefix, args.repeats)
-        ar = ar or engine
+    sizes = (1, 4, 8, 16, 32, 64, 128)
+    fns = {("engine", n): verify_pass(model, n, args.prefix) for n in sizes}
+    fns |= {("bare", n): bare_forward(model, n, args.prefix) for n in sizes}
+    t = interleaved_medians(fns, args.repeats)
+    for n in sizes:
+        engine, bare = t[("engine", n)], t[("bare", n)]
+        ar = t[("engine", 1)]
         print(f"{n:5d} | {engine * 1e3:16.2f} | {engine / ar:9.2f} | {bare * 1e3:15.2f} | {engine / bare:13.2f}")
 
 
