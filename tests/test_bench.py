@@ -18,9 +18,9 @@ from vadusa.bench import (
 )
 
 
-def stand_in_judge(text: str, tokens: torch.Tensor) -> float:
+def stand_in_judge(text: str, out) -> float:
     """A deterministic stand-in for the speech judge: share of odd tokens."""
-    return float((tokens % 2).float().mean())
+    return float((out.tokens % 2).float().mean())
 
 
 @pytest.fixture(scope="module")

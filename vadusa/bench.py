@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .decoders import DECODERS, build_decoder, check_options
+from .generate import GenerationOutput
 
 BASELINES = ("hf-generate", "ar")
 SAMPLING_KEYS = ("temperature", "top_k")  # row options passed to each call rather than to the factory
@@ -80,7 +81,7 @@ class BenchTask:
     eos_token_id: int | None = None  # stop token
     logits_processor: object = None  # e.g. the TTS's unit-token restriction
     assets: Path | None = None  # directory of decoder artifacts (heads/, block/...)
-    score: Callable[[str, torch.Tensor], float] | None = None  # (text, generated tokens) -> CER; None: no judge
+    score: Callable[[str, GenerationOutput], float] | None = None  # (text, output) -> CER; None: no judge
     tokens_per_audio_second: float | None = None  # unit rate, for the real-time factor; None: no audio
     temperature: float = 1.0  # default sampling temperature of every row
 
@@ -253,7 +254,7 @@ def run_benchmark(
     for k, row in enumerate(rows):
         outs = first[k]
         cer = (
-            statistics.mean(task.score(text, o.tokens) for text, o in zip(task.texts, outs, strict=True))
+            statistics.mean(task.score(text, o) for text, o in zip(task.texts, outs, strict=True))
             if task.score
             else None
         )
