@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from .draft import vadusa_factory
 from .generate import GenerationOutput, as_processor, check_prompt, generate_ar
 
 Run = Callable[..., GenerationOutput]
@@ -59,7 +60,7 @@ def _hf_generate(model, assets: Path | None = None) -> Run:
     return run
 
 
-DECODERS: dict[str, Callable[..., Run]] = {"ar": _ar, "hf-generate": _hf_generate}
+DECODERS: dict[str, Callable[..., Run]] = {"ar": _ar, "hf-generate": _hf_generate, "vadusa": vadusa_factory}
 
 
 def build_decoder(name: str, model, assets: Path | None = None, **options) -> Run:

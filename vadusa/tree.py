@@ -147,3 +147,153 @@ class Tree:
             g.add_node(i, path=p, depth=len(p), head=len(p) - 1, rank=p[-1])
             g.add_edge(self._index[p[:-1]], i)
         return g
+
+
+# ----- greedy sparse-tree builder (pure functions over an accuracy table acc[h][r]) -----
+def path_value(path, acc) -> float:
+    """Probability that the node `path` is accepted: the product of acc[depth][rank] along the path."""
+    value = 1.0
+    for depth, rank in enumerate(path):
+        value *= acc[depth][rank]
+    return value
+
+
+def expected_accept_length(paths, acc) -> float:
+    """Expected number of tree nodes accepted per step (the root excluded): sum of path values.
+
+    Exact when acceptances at different depths are independent, each depth's ranks are exclusive
+    events (sum_r acc[h][r] <= 1, as `vadusa.accuracy` measures them) and every node's lower-ranked
+    siblings are in the tree. Tokens per step = 1 + this (the token drawn where the walk stops).
+    """
+    return sum(path_value(p, acc) for p in paths)
+
+
+def check_accuracy_table(acc, max_rank: int | None = None) -> None:
+    if not acc or any(len(row) == 0 for row in acc):
+        raise ValueError("accuracy table must have >= 1 head with >= 1 rank each")
+    for h, row in enumerate(acc):
+        if any(not 0.0 <= a <= 1.0 for a in row):
+            raise ValueError(f"accuracy table row {h} has values outside [0, 1]: {row}")
+    if max_rank is not None and max_rank < 0:
+        raise ValueError(f"max_rank must be >= 0, got {max_rank}")
+
+
+def greedy_tree_order(acc, max_nodes: int, max_rank: int | None = None, max_depth: int | None = None) -> list:
+    """Paths in the order the greedy builder adds them: each time the candidate node of largest value.
+
+    Candidates are the next-ranked child of every node already in the tree (so ranks stay contiguous),
+    with depth <= max_depth (default: the number of heads in `acc`) and rank <= max_rank (default: the
+    ranks measured). A node is never worth more than its parent, so the first n paths are the best tree
+    of n nodes under `expected_accept_length` (Medusa's argument). Ties go to the shallower, lower path.
+    """
+    import networkx as nx
+
+    check_accuracy_table(acc, max_rank)
+    depth_limit = len(acc) if max_depth is None else min(max_depth, len(acc))
+    g = nx.DiGraph()
+    g.add_node((), value=1.0)
+    order = []
+    while len(order) < max_nodes:
+        best = None
+        for node in g.nodes:
+            depth, rank = len(node), g.out_degree(node)  # the node's next child rank
+            limit = len(acc[depth]) - 1 if depth < depth_limit else -1
+            if max_rank is not None:
+                limit = min(limit, max_rank)
+            if rank > limit:
+                continue
+            child = node + (rank,)
+            value = g.nodes[node]["value"] * acc[depth][rank]
+            key = (-value, len(child), child)
+            if best is None or key < best[0]:
+                best = (key, node, child, value)
+        if best is None:  # every allowed node is in the tree
+            break
+        _, parent, child, value = best
+        g.add_node(child, value=value)
+        g.add_edge(parent, child)
+        order.append(child)
+    return order
+
+
+def best_trees(acc, max_nodes: int, max_rank: int | None = None, max_depth: int | None = None) -> dict:
+    """{n: (paths, expected accepted length)} for the best tree of every size n = 1..max_nodes (non-root nodes)."""
+    order = greedy_tree_order(acc, max_nodes, max_rank, max_depth)
+    trees, total = {}, 0.0
+    for n, p in enumerate(order, start=1):
+        total += path_value(p, acc)
+        trees[n] = (order[:n], total)
+    return trees
+
+
+def interpolate_cost(seconds: dict, nodes: int) -> float:
+    """Cost of a pass over `nodes` nodes from measured {nodes: seconds}, linear between measured sizes."""
+    sizes = sorted(int(n) for n in seconds)
+    table = {int(n): float(s) for n, s in seconds.items()}
+    if nodes <= sizes[0]:
+        return table[sizes[0]]
+    if nodes >= sizes[-1]:
+        if len(sizes) == 1:
+            return table[sizes[-1]]
+        a, b = sizes[-2], sizes[-1]  # extrapolate along the last segment
+        return table[b] + (table[b] - table[a]) * (nodes - b) / (b - a)
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        if a <= nodes <= b:
+            return table[a] + (table[b] - table[a]) * (nodes - a) / (b - a)
+    raise AssertionError("unreachable")
+
+
+def choose_tree_size(trees: dict, seconds: dict, overhead: float = 0.0) -> tuple[int, list[dict]]:
+    """The size maximising expected tokens/s = (1 + expected accepted) / (cost of n+1 nodes + overhead).
+
+    trees: `best_trees` output; seconds: measured {nodes incl. root: seconds per verification pass}
+    (`vadusa.cost.step_costs(...)["seconds"]`); overhead: per-step seconds outside the pass (heads).
+    Returns (best size, one row per size).
+    """
+    if not trees:
+        raise ValueError("no trees to choose from")
+    rows = []
+    for n, (_, expected) in sorted(trees.items()):
+        cost = interpolate_cost(seconds, n + 1) + overhead
+        rows.append(
+            {"size": n, "expected_accepted": expected, "seconds": cost, "tokens_per_second": (1 + expected) / cost}
+        )
+    best = max(rows, key=lambda r: r["tokens_per_second"])
+    return best["size"], rows
+
+
+def draw_tree(tree: Tree, path, acc=None, title: str = "") -> None:
+    """PNG drawing of a tree: one row per depth, nodes labelled by rank (and acceptance value with acc)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    g = tree.to_networkx()
+    x, pos = [0], {}
+
+    def place(node, depth):  # leaves left to right, parents centred over their children
+        kids = sorted(g.successors(node), key=lambda c: g.nodes[c]["rank"])
+        if not kids:
+            pos[node] = (x[0], -depth)
+            x[0] += 1
+        else:
+            for c in kids:
+                place(c, depth + 1)
+            pos[node] = (sum(pos[c][0] for c in kids) / len(kids), -depth)
+
+    place(0, 0)
+    labels = {0: "root"}
+    for i, p in enumerate(tree.paths, start=1):
+        labels[i] = f"{p[-1]}" + (f"\n{path_value(p, acc):.2f}" if acc is not None else "")
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * x[0]), 1.6 * (tree.depth + 1)))
+    nx.draw_networkx(g, pos, ax=ax, labels=labels, node_size=420, font_size=6, node_color="#cfe3f7", arrows=False)
+    ax.set_title(title or f"{len(tree.paths)}-node tree (label: rank / P(accepted))", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

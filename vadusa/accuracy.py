@@ -1,0 +1,267 @@
+"""Head accuracy tables acc[h][r]: how often head h's rank-r candidate is accepted, given the path before it was.
+
+Measured on held-out prompts, teacher-forced along the base's own continuations: for the state before
+generated token i, head h's candidates c_0..c_R (its processed top-(R+1), as the engine drafts them) sit at
+depth h+1 of the tree and are judged by the base distribution p of token i+1+h. The path before them was
+accepted when every earlier token i+1..i+h is among the earlier heads' candidates; only those states count.
+Per rule, the probability that rank r is the accepted child (the first one in rank order the rule takes):
+
+    greedy      1[c_r == argmax p]                                    (on greedy continuations)
+    tau         (1 - S_{r-1})^tau - (1 - S_r)^tau,  S_r = p(c_0) + ... + p(c_r)   (tolerance sampling)
+
+These are exclusive over ranks (sum_r acc[h][r] <= 1), so a tree whose ranks are contiguous has expected
+accepted length sum over nodes of the product of acc along the node's path (`tree.expected_accept_length`).
+The JSON records a fingerprint of the heads it belongs to; loading it for other heads raises.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .generate import as_processor
+from .heads import DraftHeads
+from .train import TrainConfig, batch_hidden, sample_batch
+
+ACCURACY_NAME = "accuracy.json"
+
+
+def heads_fingerprint(heads: DraftHeads) -> str:
+    """sha256 of the heads' config and weights: which heads an accuracy table belongs to."""
+    digest = hashlib.sha256(json.dumps(heads.config.__dict__, sort_keys=True).encode())
+    for name, tensor in sorted(heads.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def rule_name(acceptance: str, tolerance: int = 3) -> str:
+    """The accuracy/tree key of an acceptance rule: 'greedy' or 'tau<k>' (lossless and typical use 'tau1')."""
+    if acceptance == "greedy":
+        return "greedy"
+    if acceptance == "tolerance":
+        return f"tau{tolerance}"
+    return "tau1"  # lossless and typical accept roughly like sample-and-match
+
+
+def tolerance_accept(p_cands: torch.Tensor, tau: int) -> torch.Tensor:
+    """(..., R) probabilities of the candidates in rank order -> (..., R) P(rank r is the first drawn among tau)."""
+    s = torch.cumsum(p_cands, -1).clamp(max=1.0)  # (..., R)
+    before = torch.cat([torch.zeros_like(s[..., :1]), s[..., :-1]], -1)
+    return (1 - before) ** tau - (1 - s) ** tau
+
+
+@torch.no_grad()
+def head_candidates(heads: DraftHeads, hidden: torch.Tensor, history: torch.Tensor, processor, k: int):
+    """(G, H, k) the heads' top-k at every state, after the logits processor (history: prompt + gen, (P+G,))."""
+    logits = heads(hidden.to(heads.out_weight.dtype)).float()  # (G, H, V)
+    if processor is not None:
+        p_len = len(history) - hidden.shape[0]
+        for i in range(hidden.shape[0]):  # the engine processes the heads with the history up to the root
+            h = history[: p_len + i + 1][None].expand(logits.shape[1], -1)
+            logits[i] = processor(h, logits[i])
+    return torch.topk(logits, k, dim=-1).indices
+
+
+def path_accepted(gen: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """(G, H) bool: for state i, whether tokens i+1..i+h are all among heads 0..h-1's candidates (h = column)."""
+    g, h, _ = cands.shape
+    ok = torch.ones(g, h, dtype=torch.bool)
+    for k in range(1, h):
+        i = torch.arange(g)
+        j = i + k  # token judged by head k-1 at state i
+        inside = torch.zeros(g, dtype=torch.bool)
+        valid = j < g
+        inside[valid] = (cands[i[valid], k - 1] == gen[j[valid], None]).any(-1)
+        ok[:, k] = ok[:, k - 1] & inside
+    return ok
+
+
+def accumulate(table, counts, gen, log_probs, cands, rule: str) -> None:
+    """Add one sequence's per-node acceptance probabilities to table[h][r] (sums) and counts[h]."""
+    g, h, _ = cands.shape
+    ok = path_accepted(gen, cands)
+    probs = log_probs.exp()  # (G, V)
+    for k in range(h):
+        i = torch.arange(g - 1 - k)  # states whose head-k target (i+1+k) exists
+        i = i[ok[i, k]]
+        if len(i) == 0:
+            continue
+        p = probs[i + 1 + k]  # (n, V)
+        c = cands[i, k]  # (n, R)
+        if rule == "greedy":
+            acc = (c == p.argmax(-1, keepdim=True)).double()
+        else:
+            acc = tolerance_accept(p.gather(-1, c).double(), int(rule[3:]))
+        table[k] += acc.sum(0)
+        counts[k] += len(i)
+
+
+@torch.no_grad()
+def measure_accuracy(
+    model,
+    heads: DraftHeads,
+    prompts: list[list[int]],
+    rules=("greedy", "tau1", "tau2", "tau3", "tau4"),
+    max_rank: int = 9,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    logits_processor=None,
+    eos_token_id=None,
+    seed: int = 1234,
+    batch: int = 16,
+    progress: bool = True,
+) -> dict:
+    """acc[rule][h][r] for ranks 0..max_rank on the base's own continuations of held-out `prompts`."""
+    if not prompts:
+        raise ValueError("no held-out prompts to measure head accuracy on")
+    heads.check_compatible(model)
+    processor = as_processor(logits_processor)
+    h, k = heads.config.num_heads, max_rank + 1
+    config = TrainConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    tables = {r: [torch.zeros(k, dtype=torch.float64) for _ in range(h)] for r in rules}
+    counts = {r: [0] * h for r in rules}
+    kinds = [True] if "greedy" in rules else []  # greedy continuations for the greedy rule
+    kinds += [False] if any(r != "greedy" for r in rules) else []  # sampled ones for tolerance
+    bar = tqdm(total=len(prompts) * len(kinds), desc="head accuracy", disable=not progress)
+    for greedy in kinds:
+        for b in range(0, len(prompts), batch):
+            chunk = prompts[b : b + batch]
+            rows = sample_batch(model, chunk, config, processor, eos_token_id, seed=seed + b, greedy=greedy)
+            hiddens = batch_hidden(model, chunk, [g for g, _ in rows])
+            for prompt, (gen, lp), hidden in zip(chunk, rows, hiddens, strict=True):
+                history = torch.cat([torch.as_tensor(prompt, dtype=torch.long), gen])
+                cands = head_candidates(heads, hidden, history, processor, k)  # (G, H, K)
+                for rule in rules:
+                    if (rule == "greedy") == greedy:
+                        accumulate(tables[rule], counts[rule], gen, lp, cands, rule)
+            bar.update(len(chunk))
+    bar.close()
+    acc = {r: [(t / max(1, n)).tolist() for t, n in zip(tables[r], counts[r], strict=True)] for r in rules}
+    return {
+        "heads": heads_fingerprint(heads),
+        "num_heads": h,
+        "max_rank": max_rank,
+        "temperature": temperature,
+        "prompts": len(prompts),
+        "positions": counts,
+        "acc": acc,
+    }
+
+
+def save_accuracy(report: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+
+
+def load_accuracy(path: str | os.PathLike, heads: DraftHeads | None = None) -> dict:
+    """Read an accuracy JSON; with `heads`, raise unless it was measured for exactly these heads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"accuracy file {path} does not exist: measure it with train_heads.py --accuracy")
+    report = json.loads(path.read_text())
+    if not isinstance(report, dict) or "acc" not in report or "heads" not in report:
+        raise ValueError(f"{path} is not a head accuracy file (needs 'acc' and 'heads')")
+    if heads is not None and report["heads"] != heads_fingerprint(heads):
+        raise ValueError(
+            f"accuracy file {path} was measured for heads {report['heads']}, "
+            f"but these heads are {heads_fingerprint(heads)}: re-measure it for them"
+        )
+    return report
+
+
+# ----- from accuracy tables to the trees a machine should use -----
+def heads_overhead(model, heads: DraftHeads, max_rank: int, repeats: int = 50) -> float:
+    """Median seconds of the per-step draft (all heads' logits + top-k), added to every verification pass."""
+    from .cost import interleaved_medians
+
+    hidden = torch.randn(heads.config.hidden_size, device=model.device)
+
+    @torch.no_grad()
+    def draft():
+        torch.topk(heads(hidden), max_rank + 1, dim=-1)
+
+    return interleaved_medians({"draft": draft}, repeats)["draft"]
+
+
+def build_trees(
+    model,
+    heads: DraftHeads,
+    report: dict,
+    trees_dir: str | os.PathLike,
+    model_name: str,
+    heads_dir: str | os.PathLike | None = None,
+    rules=None,
+    max_nodes: int = 64,
+    max_rank: int | None = None,
+    costs: dict | None = None,
+    cost_repeats: int = 20,
+    prefix_len: int = 128,
+) -> dict:
+    """Best tree of every size per rule, the size maximising expected tokens/s on this machine, written out.
+
+    Writes trees/<model>-<rule>-<size>.json and .png for the chosen size of each rule, and
+    <heads_dir>/tree-<rule>.json (what tree="auto" loads). `costs` defaults to a fresh
+    `vadusa.cost.step_costs` measurement. Returns {"costs", "overhead", "rules": {rule: {...}}}.
+    """
+    from .cost import step_costs
+    from .tree import Tree, best_trees, choose_tree_size, draw_tree
+
+    if report["heads"] != heads_fingerprint(heads):
+        raise ValueError(f"accuracy report is for heads {report['heads']}, these heads are {heads_fingerprint(heads)}")
+    rules = list(rules or report["acc"])
+    rank_limit = report["max_rank"] if max_rank is None else min(max_rank, report["max_rank"])
+    if costs is None:
+        sizes = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= max_nodes} | {max_nodes + 1})
+        costs = step_costs(model, sizes=sizes, prefix_len=prefix_len, repeats=cost_repeats)
+    overhead = heads_overhead(model, heads, rank_limit)
+    trees_dir = Path(trees_dir)
+    trees_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"costs": costs, "overhead": overhead, "rules": {}}
+    for rule in rules:
+        acc = report["acc"][rule]
+        trees = best_trees(acc, max_nodes, rank_limit)
+        size, rows = choose_tree_size(trees, costs["seconds"], overhead)
+        paths, expected = trees[size]
+        meta = {
+            "builder": "greedy",
+            "rule": rule,
+            "size": size,
+            "expected_accepted": expected,
+            "expected_tokens_per_step": 1 + expected,
+            "heads": report["heads"],
+            "threads": costs.get("threads"),
+        }
+        tree = Tree.from_paths(paths, meta)
+        stem = f"{model_name}-{rule}-{size}"
+        tree.to_json(trees_dir / f"{stem}.json")
+        draw_tree(tree, trees_dir / f"{stem}.png", acc, f"{stem}: expected {1 + expected:.2f} tokens/step")
+        if heads_dir is not None:
+            tree.to_json(Path(heads_dir) / f"tree-{rule}.json")
+        summary["rules"][rule] = {
+            "size": size,
+            "expected_tokens_per_step": 1 + expected,
+            "file": f"{stem}.json",
+            "sweep": rows,
+        }
+    return summary
+
+
+def measure_accepted(run, prompts, max_new_tokens, seed: int = 0, **kw) -> dict:
+    """Mean tokens per verification pass of a bound decoder `run` over prompts (each with its own seed)."""
+    accepted, steps, tokens, seconds = 0, 0, 0, 0.0
+    for i, (prompt, cap) in enumerate(zip(prompts, max_new_tokens, strict=True)):
+        out = run(
+            torch.as_tensor(prompt)[None], max_new_tokens=cap, generator=torch.Generator().manual_seed(seed + i), **kw
+        )
+        accepted += sum(out.accepted_lengths)
+        steps += len(out.accepted_lengths)
+        tokens += out.new_tokens
+        seconds += out.seconds
+    return {"mean_accepted": accepted / max(1, steps), "tokens": tokens, "tokens_per_second": tokens / seconds}

@@ -1,0 +1,100 @@
+"""The "vadusa" decoder: draft heads + a sparse tree + an acceptance rule, bound to a model once.
+
+    run = build_decoder("vadusa", model, assets=demo_dir, tree="auto", acceptance="tolerance", tolerance=3)
+    out = run(input_ids, max_new_tokens=..., temperature=1.0, logits_processor=..., eos_token_id=..., generator=g)
+
+Artifacts (all in the heads directory, default <assets>/heads):
+    config.json + model.safetensors        the DraftHeads
+    tree-<rule>.json                       the tree the builder chose for a rule ("greedy", "tau1".."tau4")
+    adapter_config.json + adapter_model.safetensors   optional joint-mode LoRA, merged into a copy of the base
+"""
+
+import copy
+from pathlib import Path
+
+from .accuracy import rule_name
+from .generate import generate
+from .heads import DraftHeads
+from .train import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .tree import Tree
+
+
+def resolve_heads_dir(assets: Path | None, heads) -> Path:
+    """The heads directory: `heads` (absolute, or relative to `assets`), default <assets>/heads."""
+    if heads is None:
+        if assets is None:
+            raise ValueError("the vadusa decoder needs heads: pass heads=<dir> or an assets directory holding heads/")
+        return Path(assets) / "heads"
+    path = Path(heads)
+    if not path.is_dir() and assets is not None and (Path(assets) / path).is_dir():
+        path = Path(assets) / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"draft heads directory {path} does not exist")
+    return path
+
+
+def resolve_tree(tree, heads: DraftHeads, heads_dir: Path | None, acceptance: str, tolerance: int) -> Tree:
+    """A Tree from "auto" (the builder's choice for the rule), "chain", a JSON path or a Tree; checked vs heads."""
+    if isinstance(tree, Tree):
+        resolved = tree
+    elif tree is None or tree == "chain":
+        resolved = Tree.chain(heads.config.num_heads)
+    elif tree == "auto":
+        name = f"tree-{rule_name(acceptance, tolerance)}.json"
+        if heads_dir is None or not (heads_dir / name).is_file():
+            found = sorted(p.name for p in heads_dir.glob("tree-*.json")) if heads_dir else []
+            raise FileNotFoundError(
+                f"tree='auto' needs {name} in the heads directory {heads_dir} (found {found}); "
+                "build it with `train_heads.py --build-trees`, or pass tree='chain' or a tree file"
+            )
+        resolved = Tree.from_json(heads_dir / name)
+    else:
+        resolved = Tree.from_json(tree)
+    resolved.validate_for(heads.config.num_heads)
+    return resolved
+
+
+def merged_copy(model, heads_dir: Path):
+    """A copy of `model` with the joint-mode LoRA adapter in `heads_dir` merged in (the original is untouched)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(model), heads_dir).merge_and_unload().eval()
+
+
+def vadusa_factory(
+    model,
+    assets: Path | None = None,
+    heads=None,
+    tree="auto",
+    acceptance: str = "tolerance",
+    tolerance: int = 3,
+    typical_epsilon: float = 0.09,
+    typical_alpha: float = 0.3,
+):
+    """Load heads (dir or DraftHeads), resolve the tree, merge a LoRA adapter if one sits beside the heads."""
+    heads_dir = None
+    if not isinstance(heads, DraftHeads):
+        heads_dir = resolve_heads_dir(assets, heads)
+        heads = DraftHeads.from_pretrained(heads_dir, model)
+    heads.check_compatible(model)
+    heads.eval().requires_grad_(False)
+    resolved = resolve_tree(tree, heads, heads_dir, acceptance, tolerance)
+    base = model
+    if heads_dir is not None and (heads_dir / ADAPTER_CONFIG).is_file() and (heads_dir / ADAPTER_WEIGHTS).is_file():
+        base = merged_copy(model, heads_dir)
+
+    def run(input_ids, **kw):
+        return generate(
+            base,
+            heads,
+            input_ids,
+            tree=resolved,
+            acceptance=acceptance,
+            tolerance=tolerance,
+            typical_epsilon=typical_epsilon,
+            typical_alpha=typical_alpha,
+            **kw,
+        )
+
+    run.tree, run.heads, run.model = resolved, heads, base  # what was resolved, for reports
+    return run

@@ -1,0 +1,533 @@
+"""Data-free self-distillation of draft heads: the frozen base teaches the heads its own future.
+
+    prompts = read_prompts("prompts.txt", encode)                     # token ids per text line
+    shards = build_cache(model, prompts, config, cache_dir, logits_processor=p, eos_token_id=e)
+    heads = train(model, config, cache_dir, out_dir)                  # frozen or joint (LoRA) mode
+
+1. `build_cache`: the base samples continuations of the prompts (temperature 1.0 by default, its own
+   logits processor, batched `model.generate` with left padding) and its last hidden states and
+   next-token distributions (top-k of the processed distribution) are written once to safetensors
+   shards, so head epochs never re-run the base.
+2. `train`: head k (0-based) reads the hidden state before generated token i and predicts token
+   i+1+k (the base's own output layer predicts token i): KL to the base's distribution at that
+   position ("kl") or cross-entropy on the sampled token ("ce"). Mode "frozen" trains the heads only,
+   on the cached hidden states; mode "joint" adds a peft LoRA on the base, trained on the base's own
+   samples with the LoRA-disabled base (the cache) as teacher plus a decaying weighted sum of head
+   losses, and saves the adapter beside the heads.
+
+Token layout of one cached sequence with prompt length P and G generated tokens (EOS included):
+    gen[i]      generated token i                          (G,)
+    hidden[i]   base last hidden state at position P-1+i   (G, D)  = the state that predicts gen[i]
+    teacher[i]  the base's processed distribution of gen[i] (top-k probabilities and ids)   (G, K)
+Checkpoints are one safetensors file (heads, LoRA, optimizer state, step) replaced atomically, so an
+interrupted run resumes bit-exactly: data order and learning rate are pure functions of (seed, step).
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .generate import as_processor, split_model
+from .heads import DraftHeads
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINING_RECORD = "training.json"
+
+
+@dataclass
+class TrainConfig:
+    num_heads: int = 4  # H draft heads; head k predicts the token k+2 positions after the last accepted one
+    num_layers: int = 1  # residual SiLU blocks per head
+    mode: str = "frozen"  # "frozen": heads only on the cached states; "joint": peft LoRA on the base + heads
+    loss: str = "kl"  # head loss: "kl" to the base's own distribution, "ce" on the sampled token
+    temperature: float = 1.0  # sampling temperature of the base when building the cache
+    top_k: int = 0  # top-k of the base when sampling (0 = off)
+    max_new_tokens: int = 256  # cap on each sampled continuation
+    samples_per_prompt: int = 1  # continuations sampled per prompt
+    sample_batch: int = 32  # prompts per batched generate() call
+    teacher_top_k: int = 64  # base distribution stored per position: its top-k probabilities (0 = full vocab)
+    shard_size: int = 512  # sequences per cache shard
+    steps: int = 1000  # optimizer steps
+    batch_tokens: int = 1024  # frozen mode: hidden states (positions) per step
+    batch_sequences: int = 8  # joint mode: sequences per step
+    lr: float = 1e-3  # peak learning rate of the heads (AdamW)
+    lora_lr: float = 3e-4  # peak learning rate of the LoRA weights (joint mode)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of the peak
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    head_decay: float = 0.8  # joint mode: head k's loss is weighted head_weight * head_decay**k
+    head_weight: float = 0.2  # joint mode: weight of the head losses against the base's KL
+    lora_rank: int = 8  # LoRA rank (joint mode)
+    lora_alpha: int = 16  # LoRA alpha (joint mode)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # modules LoRA wraps
+    checkpoint_every: int = 100  # write a checkpoint every N steps (and at the end)
+    seed: int = 0  # seeds sampling, LoRA init and data order
+
+    def __post_init__(self):
+        if self.mode not in ("frozen", "joint"):
+            raise ValueError(f"mode must be 'frozen' or 'joint', got {self.mode!r}")
+        if self.loss not in ("kl", "ce"):
+            raise ValueError(f"loss must be 'kl' or 'ce', got {self.loss!r}")
+        for name in ("num_heads", "steps", "batch_tokens", "batch_sequences", "sample_batch", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ----- prompts -----
+def read_prompts(path: str | os.PathLike, encode=None) -> list:
+    """Non-empty lines of a text file (optionally mapped through `encode`); missing or empty files raise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"prompt file {path} has no non-empty line: need at least one text prompt")
+    return [encode(line) for line in lines] if encode else lines
+
+
+# ----- sampling the base -----
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, T) left-padded ids and (B, T) attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[b, width - len(p) :] = 1
+    return ids, mask
+
+
+def eos_cut(gen: torch.Tensor, eos: set[int]) -> int:
+    """Length of a generated row up to and including its first EOS."""
+    hits = [i for i, t in enumerate(gen.tolist()) if t in eos]
+    return hits[0] + 1 if hits else len(gen)
+
+
+@torch.no_grad()
+def sample_batch(
+    model, prompts, config: TrainConfig, logits_processor=None, eos_token_id=None, seed: int = 0, greedy=False
+):
+    """Sample one continuation per prompt in one batched generate() call.
+
+    Returns per prompt (gen (G,), log_probs (G, V)): the tokens and the base's processed log-distribution
+    (processors, temperature, top-k: exactly what was sampled from) at each generated position.
+    """
+    ids, mask = left_pad(prompts)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    torch.manual_seed(seed)  # generate() samples from the global RNG
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": config.temperature}
+    if not greedy:
+        sampling |= {"top_k": config.top_k or 0, "top_p": 1.0}
+    out = model.generate(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        max_new_tokens=config.max_new_tokens,
+        logits_processor=as_processor(logits_processor),
+        eos_token_id=eos_token_id,
+        pad_token_id=next(iter(eos)) if eos else 0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+    gens = out.sequences[:, ids.shape[1] :].cpu()  # (B, G)
+    scores = torch.stack(out.scores, dim=1).float().cpu()  # (B, G, V) processed scores
+    rows = []
+    for b in range(len(prompts)):
+        g = eos_cut(gens[b], eos)
+        rows.append((gens[b, :g].clone(), torch.log_softmax(scores[b, :g], dim=-1)))
+    return rows
+
+
+@torch.no_grad()
+def last_hidden(model, prompt: list[int], gen: torch.Tensor) -> torch.Tensor:
+    """(G, D) the base's last hidden states at positions P-1 .. P+G-2 (each predicts gen[i])."""
+    body, _ = split_model(model)
+    full = torch.cat([torch.as_tensor(prompt, dtype=torch.long), gen])[None].to(model.device)
+    states = body(input_ids=full).last_hidden_state[0]  # (P+G, D)
+    return states[len(prompt) - 1 : len(prompt) - 1 + len(gen)].float().cpu()
+
+
+@torch.no_grad()
+def batch_hidden(model, prompts: list[list[int]], gens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """last_hidden for a batch, in one right-padded forward (causal: padding after a row never affects it)."""
+    body, _ = split_model(model)
+    fulls = [torch.cat([torch.as_tensor(p, dtype=torch.long), g]) for p, g in zip(prompts, gens, strict=True)]
+    width = max(len(f) for f in fulls)
+    ids = torch.zeros(len(fulls), width, dtype=torch.long)
+    for b, f in enumerate(fulls):
+        ids[b, : len(f)] = f
+    states = body(input_ids=ids.to(model.device)).last_hidden_state.float().cpu()  # (B, T, D)
+    return [states[b, len(p) - 1 : len(p) - 1 + len(g)] for b, (p, g) in enumerate(zip(prompts, gens, strict=True))]
+
+
+def teacher_topk(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, V) log-probs -> (G, K) probabilities and (G, K) ids of the top-k (k=0: the full distribution)."""
+    if k <= 0 or k >= log_probs.shape[-1]:
+        k = log_probs.shape[-1]
+    top = torch.topk(log_probs, k, dim=-1)
+    return top.values.exp(), top.indices.int()
+
+
+def build_cache(
+    model,
+    prompts: list[list[int]],
+    config: TrainConfig,
+    cache_dir: str | os.PathLike,
+    logits_processor=None,
+    eos_token_id=None,
+    progress: bool = True,
+) -> list[Path]:
+    """Sample the base on `prompts` and write shards cache-00000.safetensors ... (skips shards already written)."""
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [p for p in prompts for _ in range(config.samples_per_prompt)]
+    shards = []
+    bar = tqdm(total=len(jobs), desc="sample base", disable=not progress)
+    for s, start in enumerate(range(0, len(jobs), config.shard_size)):
+        path = cache_dir / f"cache-{s:05d}.safetensors"
+        shards.append(path)
+        chunk = jobs[start : start + config.shard_size]
+        if path.is_file():  # written by an earlier (interrupted) call with the same settings
+            bar.update(len(chunk))
+            continue
+        seqs = []
+        for b in range(0, len(chunk), config.sample_batch):
+            batch = chunk[b : b + config.sample_batch]
+            seed = config.seed * 1_000_003 + start + b
+            rows = sample_batch(model, batch, config, logits_processor, eos_token_id, seed=seed)
+            hiddens = batch_hidden(model, batch, [g for g, _ in rows])
+            for p, (g, lp), h in zip(batch, rows, hiddens, strict=True):
+                seqs.append((p, g, h, *teacher_topk(lp, config.teacher_top_k)))
+            bar.update(len(batch))
+        save_shard(path, seqs)
+    bar.close()
+    meta = {"prompts": len(prompts), "config": asdict(config), "shards": [p.name for p in shards]}
+    _write_text(cache_dir / "cache.json", json.dumps(meta, indent=2))
+    return shards
+
+
+def save_shard(path: Path, seqs) -> None:
+    """Concatenate sequences (prompt, gen, hidden, probs, ids) into flat tensors + lengths; write atomically."""
+    tensors = {
+        "prompt": torch.cat([torch.as_tensor(p, dtype=torch.long) for p, *_ in seqs]),
+        "prompt_lengths": torch.tensor([len(p) for p, *_ in seqs]),
+        "gen": torch.cat([g for _, g, *_ in seqs]),
+        "gen_lengths": torch.tensor([len(g) for _, g, *_ in seqs]),
+        "hidden": torch.cat([h for _, _, h, *_ in seqs]).contiguous(),  # (M, D)
+        "teacher_probs": torch.cat([tp for *_, tp, _ in seqs]).contiguous(),  # (M, K)
+        "teacher_ids": torch.cat([ti for *_, ti in seqs]).contiguous(),  # (M, K)
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Cache:
+    """All shards in memory, flat over generated positions m = 0..M-1."""
+
+    prompts: list[torch.Tensor]  # per sequence (P,)
+    starts: torch.Tensor  # (S,) flat index of each sequence's first generated token
+    lengths: torch.Tensor  # (S,) generated tokens per sequence
+    gen: torch.Tensor  # (M,) generated tokens
+    hidden: torch.Tensor  # (M, D) state predicting gen[m]
+    teacher_probs: torch.Tensor  # (M, K)
+    teacher_ids: torch.Tensor  # (M, K)
+
+    @property
+    def seq_of(self) -> torch.Tensor:
+        """(M,) sequence index of every flat position."""
+        return torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)
+
+    def targets(self, num_heads: int) -> torch.Tensor:
+        """(M, H) flat index of head k's target for the state at m (m + 1 + k), -1 past the sequence's end."""
+        end = (self.starts + self.lengths)[self.seq_of]  # (M,)
+        idx = torch.arange(len(self.gen))[:, None] + 1 + torch.arange(num_heads)[None]  # (M, H)
+        return torch.where(idx < end[:, None], idx, torch.full_like(idx, -1))
+
+
+def load_cache(cache_dir: str | os.PathLike) -> Cache:
+    cache_dir = Path(cache_dir)
+    shards = sorted(cache_dir.glob("cache-*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no cache shards (cache-*.safetensors) in {cache_dir}: run build_cache first")
+    parts = [load_file(s) for s in shards]
+    prompts = []
+    for part in parts:
+        prompts += list(torch.split(part["prompt"], part["prompt_lengths"].tolist()))
+    lengths = torch.cat([p["gen_lengths"] for p in parts])
+    return Cache(
+        prompts=prompts,
+        starts=torch.cumsum(lengths, 0) - lengths,
+        lengths=lengths,
+        gen=torch.cat([p["gen"] for p in parts]),
+        hidden=torch.cat([p["hidden"] for p in parts]).float(),
+        teacher_probs=torch.cat([p["teacher_probs"] for p in parts]).float(),
+        teacher_ids=torch.cat([p["teacher_ids"] for p in parts]).long(),
+    )
+
+
+# ----- losses -----
+def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits vs a (N, K) top-k teacher (renormalised): -sum p log q, per row (N,)."""
+    p = probs / probs.sum(-1, keepdim=True)
+    return -(p * torch.log_softmax(logits.float(), -1).gather(-1, ids)).sum(-1)
+
+
+def head_losses(
+    logits: torch.Tensor, targets: torch.Tensor, cache: Cache, loss: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per head: mean loss and top-1 hits (vs the sampled token) over rows whose target exists.
+
+    logits (N, H, V) of the heads at N states; targets (N, H) flat target indices (-1: none).
+    """
+    losses, hits = [], []
+    for k in range(logits.shape[1]):
+        valid = targets[:, k] >= 0
+        idx = targets[valid, k]
+        lk = logits[valid, k]  # (n, V)
+        if loss == "kl":
+            per_row = soft_cross_entropy(lk, cache.teacher_probs[idx], cache.teacher_ids[idx])
+        else:
+            per_row = torch.nn.functional.cross_entropy(lk.float(), cache.gen[idx], reduction="none")
+        losses.append(per_row.mean() if len(idx) else lk.sum() * 0)
+        hits.append((lk.argmax(-1) == cache.gen[idx]).float())
+    return losses, hits
+
+
+# ----- schedule and data order: pure functions of (seed, step) -----
+def learning_rate(step: int, peak: float, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return peak * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_indices(step: int, population: int, batch: int, seed: int) -> torch.Tensor:
+    """The `step`-th batch of a per-epoch shuffled order of range(population)."""
+    batch = min(batch, population)
+    per_epoch = population // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(population, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch : (i + 1) * batch]
+
+
+# ----- joint mode: LoRA on the base -----
+def add_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in config.lora_targets.split(",") if t in names]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {config.lora_targets!r} exist in {type(model).__name__}")
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(model, lora)
+
+
+def joint_batch(peft_model, cache: Cache, seqs: torch.Tensor):
+    """Re-run the LoRA'd base on whole sequences: (N, D) states at the flat positions of `seqs`, and those positions."""
+    body, _ = split_model(peft_model.get_base_model())
+    prompts = [cache.prompts[s] for s in seqs.tolist()]
+    starts, lengths = cache.starts[seqs], cache.lengths[seqs]
+    fulls = [
+        torch.cat([p, cache.gen[a : a + n]]) for p, a, n in zip(prompts, starts.tolist(), lengths.tolist(), strict=True)
+    ]
+    width = max(len(f) for f in fulls)
+    ids = torch.zeros(len(fulls), width, dtype=torch.long)
+    for b, f in enumerate(fulls):
+        ids[b, : len(f)] = f
+    device = peft_model.get_base_model().device
+    states = body(input_ids=ids.to(device)).last_hidden_state  # (B, T, D), LoRA active
+    rows, flat = [], []
+    for b, (p, a, n) in enumerate(zip(prompts, starts.tolist(), lengths.tolist(), strict=True)):
+        rows.append(states[b, len(p) - 1 : len(p) - 1 + n])
+        flat.append(torch.arange(a, a + n))
+    return torch.cat(rows), torch.cat(flat)
+
+
+# ----- checkpoints -----
+def trainable(heads: DraftHeads, peft_model) -> dict[str, torch.nn.Parameter]:
+    params = {f"heads.{k}": p for k, p in heads.named_parameters()}
+    if peft_model is not None:
+        params |= {f"lora.{k}": p for k, p in peft_model.named_parameters() if p.requires_grad}
+    return params
+
+
+def save_checkpoint(path: Path, step: int, params: dict, optimizer, config: TrainConfig) -> None:
+    """Params, AdamW state and step in ONE safetensors file, replaced atomically."""
+    tensors = {k: p.detach().cpu().contiguous() for k, p in params.items()}
+    state = optimizer.state_dict()
+    for i, s in state["state"].items():
+        for name, value in s.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    meta = {"step": str(step), "config": json.dumps(asdict(config)), "param_groups": json.dumps(state["param_groups"])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, params: dict, optimizer, config: TrainConfig) -> int:
+    """Restore params and optimizer from `path`; the config must match the one it was written with."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["config"])
+    diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v and k != "checkpoint_every"}
+    if diff:
+        raise ValueError(f"cannot resume from {path}: its config differs in {diff} (saved, now)")
+    tensors = load_file(path)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+    state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict(state)
+    return int(meta["step"])
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----- training -----
+def train(
+    model,
+    config: TrainConfig,
+    cache_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> DraftHeads:
+    """Train heads (and in joint mode a LoRA) on the cache; save heads (+ adapter) to `out_dir`.
+
+    `stop_after` ends the run early after that step's checkpoint (used to test resuming).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = load_cache(cache_dir)
+    hidden_size = split_model(model)[1].weight.shape[1]
+    if cache.hidden.shape[1] != hidden_size:
+        raise ValueError(f"cache {cache_dir} holds hidden size {cache.hidden.shape[1]}, the model has {hidden_size}")
+    targets = cache.targets(config.num_heads)  # (M, H)
+    usable = (targets[:, 0] >= 0).nonzero().flatten()  # states with at least head 0's target
+
+    heads = DraftHeads.from_model(model, config.num_heads, config.num_layers).float().train()
+    peft_model = None
+    if config.mode == "joint":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        peft_model = add_lora(model, config)
+    params = trainable(heads, peft_model)
+    groups = [{"params": list(heads.parameters()), "lr": config.lr, "peak": config.lr}]
+    if peft_model is not None:
+        lora = [p for k, p in params.items() if k.startswith("lora.")]
+        groups.append({"params": lora, "lr": config.lora_lr, "peak": config.lora_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+    ckpt = out_dir / CHECKPOINT_NAME
+    step = load_checkpoint(ckpt, params, optimizer, config) if resume and ckpt.is_file() else 0
+    if resume and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt} to resume from")
+    weights = [
+        (config.head_weight * config.head_decay**k) if config.mode == "joint" else 1.0 for k in range(config.num_heads)
+    ]
+    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.mode}", disable=not progress)
+    history = []
+    while step < config.steps:
+        for g in optimizer.param_groups:
+            g["lr"] = learning_rate(step, g["peak"], config)
+        if peft_model is None:
+            rows = usable[batch_indices(step, len(usable), config.batch_tokens, config.seed)]
+            states, base_loss = cache.hidden[rows], None
+        else:
+            seqs = batch_indices(step, len(cache.lengths), config.batch_sequences, config.seed)
+            states, rows = joint_batch(peft_model, cache, seqs)
+            logits = split_model(peft_model.get_base_model())[1](states)  # (N, V)
+            base_loss = soft_cross_entropy(logits, cache.teacher_probs[rows], cache.teacher_ids[rows]).mean()
+        losses, hits = head_losses(heads(states.float()), targets[rows], cache, config.loss)
+        total = sum(w * lk for w, lk in zip(weights, losses, strict=True))
+        if base_loss is not None:
+            total = total + base_loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
+        optimizer.step()
+        step += 1
+        record = {"step": step, "loss": total.item(), "head_loss": [x.item() for x in losses]}
+        record["top1"] = [float(h.mean()) if len(h) else 0.0 for h in hits]
+        if base_loss is not None:
+            record["base_loss"] = base_loss.item()
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in record["top1"]))
+        bar.update()
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_checkpoint(ckpt, step, params, optimizer, config)
+            if stop_after is not None and step >= stop_after:
+                break
+    bar.close()
+    heads.eval().requires_grad_(False)
+    heads.save_pretrained(out_dir)
+    if peft_model is not None:
+        save_adapter(peft_model, out_dir)
+        peft_model.unload()  # leave the caller's model as it was (LoRA layers removed, base weights untouched)
+    _write_text(out_dir / TRAINING_RECORD, json.dumps({"config": asdict(config), "last": history[-1:]}, indent=2))
+    return heads
+
+
+def save_adapter(peft_model, out_dir: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft's own file names) beside the heads."""
+    tmp = out_dir / "adapter.tmp"
+    peft_model.save_pretrained(tmp, safe_serialization=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        os.replace(tmp / name, out_dir / name)
+    for leftover in tmp.iterdir():
+        leftover.unlink()
+    tmp.rmdir()
+
+
+@torch.no_grad()
+def evaluate(heads: DraftHeads, cache: Cache, loss: str = "kl", batch: int = 4096) -> dict:
+    """Mean head loss and top-1 accuracy (vs the sampled token) per head over a whole cache."""
+    targets = cache.targets(heads.config.num_heads)
+    h = heads.config.num_heads
+    sums, hit_sums, counts = [0.0] * h, [0.0] * h, [0] * h
+    for start in range(0, len(cache.gen), batch):
+        rows = torch.arange(start, min(start + batch, len(cache.gen)))
+        losses, hits = head_losses(heads(cache.hidden[rows]), targets[rows], cache, loss)
+        for k in range(h):
+            n = len(hits[k])
+            sums[k] += float(losses[k]) * n
+            hit_sums[k] += float(hits[k].sum())
+            counts[k] += n
+    return {
+        "loss": [s / max(1, c) for s, c in zip(sums, counts, strict=True)],
+        "top1": [s / max(1, c) for s, c in zip(hit_sums, counts, strict=True)],
+    }
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
+    return TrainConfig(**values)
