@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from .blockdiff.generate import block_factory
 from .draft import vadusa_factory
 from .generate import GenerationOutput, as_processor, check_prompt, generate_ar
 
@@ -60,7 +61,12 @@ def _hf_generate(model, assets: Path | None = None) -> Run:
     return run
 
 
-DECODERS: dict[str, Callable[..., Run]] = {"ar": _ar, "hf-generate": _hf_generate, "vadusa": vadusa_factory}
+DECODERS: dict[str, Callable[..., Run]] = {
+    "ar": _ar,
+    "hf-generate": _hf_generate,
+    "vadusa": vadusa_factory,
+    "block": block_factory,
+}
 
 
 def build_decoder(name: str, model, assets: Path | None = None, **options) -> Run:

@@ -1,0 +1,398 @@
+"""Block distillation: masks vs brute force, student == teacher at block size 1, generalised JSD,
+decoding == greedy AR at block size 1, exact stops, a short distillation lowering the loss, bad inputs."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+import vadusa
+from tests.conftest import TEST_PROMPT, tiny_llama
+from vadusa.blockdiff import generalized_jsd, generate, load_student, make_student, save_adapter
+from vadusa.blockdiff.masks import decoding_mask, decoding_visibility, training_mask, training_visibility
+from vadusa.blockdiff.student import BlockConfig
+from vadusa.blockdiff.train import Stage, TrainConfig, batch_loss, make_batch, sample_masks, train, unknown_targets
+from vadusa.cache import BufferCache
+from vadusa.decoders import build_decoder
+from vadusa.generate import split_model
+
+MASK = 0  # mask token of the tiny models (a reserved id: never a prompt token below)
+EOS = 7
+
+
+# ----- masks -----
+def brute_training_visibility(prompt_len, length, block, clean_size, noised_size, copies):
+    """The training rules written out row by row: who may the row for (copy, position) attend to?"""
+    s = prompt_len - 1
+    rows = [("clean", a, a < length) for a in range(clean_size)]
+    for c in range(copies):
+        rows += [(f"noised{c}", s + j, s + j < length - 1) for j in range(noised_size)]
+    n = len(rows)
+    visible = torch.zeros(n, n, dtype=torch.bool)
+    for q, (q_kind, a, _) in enumerate(rows):
+        for k, (k_kind, b, k_valid) in enumerate(rows):
+            if q == k:
+                visible[q, k] = True
+                continue
+            if not k_valid:
+                continue
+            if q_kind == "clean" and k_kind == "clean":
+                same_block = a >= s and b >= s and (a - s) // block == (b - s) // block
+                visible[q, k] = b <= a or same_block
+            elif q_kind != "clean" and k_kind == "clean":
+                block_start = s + ((a - s) // block) * block  # noised block sees clean positions before it
+                visible[q, k] = b < block_start
+            elif q_kind == k_kind:
+                visible[q, k] = (a - s) // block == (b - s) // block
+    return visible
+
+
+@pytest.mark.parametrize(
+    "prompt_len,length,block,clean_size,noised_size,copies",
+    [(1, 2, 1, 2, 1, 1), (3, 11, 1, 11, 8, 1), (3, 11, 4, 13, 9, 2), (5, 9, 3, 9, 6, 2), (2, 12, 5, 14, 12, 1)],
+)
+def test_training_mask_matches_brute_force(prompt_len, length, block, clean_size, noised_size, copies):
+    got = training_visibility(prompt_len, length, block, clean_size, noised_size, copies)
+    assert torch.equal(got, brute_training_visibility(prompt_len, length, block, clean_size, noised_size, copies))
+    mask = training_mask(prompt_len, length, block, clean_size, noised_size, copies, torch.bfloat16)
+    assert mask.dtype == torch.bfloat16 and set(mask.unique().tolist()) <= {0.0, torch.finfo(torch.bfloat16).min}
+    assert torch.equal(mask[0] == 0, got)
+
+
+def test_training_mask_block_size_1_is_causal():
+    vis = training_visibility(4, 12, 1, 12, 8, 1)
+    assert torch.equal(vis[:12, :12], torch.ones(12, 12, dtype=torch.bool).tril())
+    for j in range(8):  # noised slot j (position 3 + j) sees the clean prefix before it and itself
+        row = vis[12 + j]
+        assert row[: 3 + j].all() and not row[3 + j : 12].any() and row[12:].tolist() == [k == j for k in range(8)]
+
+
+@pytest.mark.parametrize("past,commit,draft,causal", itertools.product([0, 5], [0, 3], [1, 4], [True, False]))
+def test_decoding_mask_matches_brute_force(past, commit, draft, causal):
+    n = commit + draft
+    expected = torch.zeros(n, past + n, dtype=torch.bool)
+    for q in range(n):
+        for k in range(past + n):
+            if k < past or q >= commit:
+                expected[q, k] = True
+            elif k < past + commit:  # a commit row sees the commit (causally at prefill), never the draft
+                expected[q, k] = (k - past <= q) or not causal
+    assert torch.equal(decoding_visibility(past, commit, draft, causal), expected)
+    mask = decoding_mask(past, commit, draft, causal, torch.float32)
+    assert mask.shape == (1, 1, n, past + n) and torch.equal(mask[0, 0] == 0, expected)
+
+
+def test_decoding_forward_equals_training_forward():
+    """The student at decode time computes exactly what it was trained on: the noised rows of a block in
+    the training forward == the draft window after the prefix was committed block by block."""
+    model = tiny_llama()
+    seq, prompt_len, block = torch.tensor([5, 9, 13, 2, 30, 31, 8, 44, 12, 19, 21, 3, 6]), 4, 3
+    masked = torch.tensor([False, True, True, False, False, True, False, True, True])  # noised slots 0..8
+    batch_in = seq.clone()
+    s, gen = prompt_len - 1, len(seq) - prompt_len
+    noised = torch.where(masked, MASK, seq[s : s + gen])
+    ids = torch.cat([seq, noised])[None]
+    positions = torch.cat([torch.arange(len(seq)), s + torch.arange(gen)])[None]
+    mask = training_mask(prompt_len, len(seq), block, len(seq), gen, 1)[None]
+    with torch.no_grad():
+        trained = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, len(seq) :]  # (G, V)
+        body, out_layer = split_model(model)
+        for k in range(math.ceil(gen / block)):
+            cache = BufferCache(2, 64)
+            body(
+                input_ids=batch_in[:s][None], past_key_values=cache, use_cache=True
+            )  # prefill: the prompt but its last
+            past = s
+            for j in range(k):  # committed blocks, each bidirectional over itself
+                window = batch_in[s + j * block : s + (j + 1) * block]
+                m = decoding_mask(past, len(window), 0, False, torch.float32)
+                body(input_ids=window[None], attention_mask=m, position_ids=(past + torch.arange(len(window)))[None],
+                     past_key_values=cache, use_cache=True)  # fmt: skip
+                past += len(window)
+            draft = noised[k * block : (k + 1) * block]
+            m = decoding_mask(past, 0, len(draft), False, torch.float32)
+            hidden = body(input_ids=draft[None], attention_mask=m, position_ids=(past + torch.arange(len(draft)))[None],
+                          past_key_values=cache, use_cache=True).last_hidden_state[0]  # fmt: skip
+            torch.testing.assert_close(out_layer(hidden), trained[k * block : (k + 1) * block], atol=1e-5, rtol=1e-5)
+
+
+# ----- student and loss -----
+def test_student_is_teacher_at_block_size_1():
+    model = tiny_llama()
+    student = make_student(model, rank=4)
+    pool = [(torch.tensor(TEST_PROMPT + [11, 12, 13, 14, 15, 16, 17]), 6), (torch.tensor([4, 5, 6, 20, 21]), 3)]
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch(pool, Stage(1, 1.0, (0.5, 1.0)), True, MASK, gen)
+    for i, (seq, p) in enumerate(pool):  # no window holds a mask token at block size 1
+        for at in (13, 13 + 7):  # the two noised copies (clean size 13, noised size 7)
+            assert torch.equal(batch.ids[i, at : at + len(seq) - p], seq[p - 1 : -1])
+    with torch.no_grad():
+        loss = batch_loss(student, batch, beta=0.5)
+        s = student(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions).logits
+        with student.disable_adapter():
+            t = student(input_ids=batch.clean).logits
+    vocab = s.shape[-1]
+    torch.testing.assert_close(s.reshape(-1, vocab)[batch.rows], t.reshape(-1, vocab)[batch.teacher_rows])
+    assert len(batch.rows) == 2 * (7 + 2) and loss.item() < 1e-6
+    # with masks (block size 4) the initial student is not the teacher: the test can tell the two apart
+    batch4 = make_batch(pool, Stage(4, 1.0, (1.0, 1.0)), False, MASK, gen)
+    with torch.no_grad():
+        assert batch_loss(student, batch4, beta=0.5).item() > 1e-4
+
+
+def test_unknown_targets_and_complementary_masks():
+    masked = sample_masks(11, Stage(4, 1.0, (0.5, 0.5)), torch.Generator().manual_seed(3))
+    assert not masked[[0, 4, 8]].any()  # a block's first input is always known
+    comp = ~masked & (torch.arange(11) % 4 > 0)
+    both = unknown_targets(masked, 4) | unknown_targets(comp, 4)
+    assert both.all()  # with the complementary copy every target is trained as unknown
+    assert unknown_targets(torch.zeros(11, dtype=torch.bool), 4).nonzero()[:, 0].tolist() == [3, 7, 10]
+    suffix = sample_masks(12, Stage(4, 0.0, (1.0, 1.0)), torch.Generator())
+    assert suffix.tolist() == [False, True, True, True] * 3
+    half = sample_masks(4000, Stage(4, 0.0, (0.0, 1.0)), torch.Generator().manual_seed(0)).view(-1, 4)
+    counts = half.sum(1)
+    assert all(
+        torch.equal(row[4 - int(c) :], torch.ones(int(c), dtype=torch.bool))
+        for row, c in zip(half, counts, strict=True)
+    )
+
+
+def direct_jsd(p, q, beta):
+    """Loops in float64 over the vocabulary, the definitions in loss.py's doc."""
+    kl = lambda a, b: sum(x * math.log(x / y) for x, y in zip(a, b, strict=True) if x > 0)  # noqa: E731
+    if beta == 0:
+        return kl(p, q)
+    if beta == 1:
+        return kl(q, p)
+    m = [beta * x + (1 - beta) * y for x, y in zip(p, q, strict=True)]
+    return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+
+
+def test_generalized_jsd():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=gen) * 2, torch.randn(5, 7, generator=gen) * 2
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+        got = generalized_jsd(s, t, beta)
+        p, q = torch.softmax(t.double(), -1).tolist(), torch.softmax(s.double(), -1).tolist()
+        want = torch.tensor([direct_jsd(pi, qi, beta) for pi, qi in zip(p, q, strict=True)], dtype=torch.float32)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert generalized_jsd(s, s, beta).abs().max() < 1e-6  # 0 for equal distributions
+        assert (got > 0).all()
+    torch.testing.assert_close(generalized_jsd(s, t, 0.5), generalized_jsd(t, s, 0.5))  # symmetric at 1/2
+    assert not torch.allclose(generalized_jsd(s, t, 0.1), generalized_jsd(t, s, 0.1), atol=1e-3)
+    # the endpoints are the limits of the definition: forward KL(T||S) at 0, reverse KL(S||T) at 1 (float64)
+    p, q = torch.softmax(t.double(), -1).tolist(), torch.softmax(s.double(), -1).tolist()
+    for end, near in ((0.0, 1e-7), (1.0, 1 - 1e-7)):
+        for pi, qi in zip(p, q, strict=True):
+            assert direct_jsd(pi, qi, near) == pytest.approx(direct_jsd(pi, qi, end), rel=1e-4)
+    assert (generalized_jsd(s, t, 0.5) <= 4 * math.log(2) + 1e-6).all()
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(s, t, 1.5)
+
+
+# ----- decoding -----
+class NoMask:
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(-1, torch.tensor([MASK]), float("-inf"))
+
+
+def base_with_mask():
+    model = tiny_llama()
+    model.config.mask_token_id = MASK
+    return model
+
+
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_block_size_1_greedy_equals_generate_ar(penalty):
+    model = base_with_mask()
+    prompt = torch.tensor([TEST_PROMPT])
+    processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)]) if penalty else None
+    ar = vadusa.generate_ar(model, prompt, max_new_tokens=150, temperature=0, logits_processor=processor)
+    out = generate(model, prompt, block_size=1, temperature=0, max_new_tokens=150, logits_processor=processor)
+    assert torch.equal(out.sequences, ar.sequences) and out.new_tokens == 150
+    assert out.forward_passes == 150 and out.accepted_lengths == [1] * 149
+
+
+def test_block_size_1_sampling_equals_generate_ar_sampling():
+    """At block size 1 every draw is the AR draw: same generator, same tokens (the mask token banned in both)."""
+    model = base_with_mask()
+    prompt, ban = torch.tensor([TEST_PROMPT]), [NoMask()]
+    ar = vadusa.generate_ar(model, prompt, max_new_tokens=60, generator=torch.Generator().manual_seed(4),
+                            logits_processor=ban)  # fmt: skip
+    out = generate(model, prompt, block_size=1, max_new_tokens=60, generator=torch.Generator().manual_seed(4),
+                   logits_processor=ban)  # fmt: skip
+    assert torch.equal(out.sequences, ar.sequences)
+
+
+@pytest.mark.parametrize("block_size,threshold", [(2, 0.02), (4, 0.02), (4, 0.9), (8, 0.005)])
+def test_block_decoding_stops_exactly(block_size, threshold):
+    model = base_with_mask()
+    prompt = torch.tensor([TEST_PROMPT])
+    for seed in range(6):
+        for budget in (1, 5, 23):
+            out = generate(model, prompt, block_size, threshold, max_new_tokens=budget, eos_token_id=EOS,
+                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            tokens = out.tokens.tolist()
+            assert out.new_tokens == len(tokens) <= budget
+            assert EOS not in tokens[:-1] and (tokens[-1] == EOS or len(tokens) == budget)
+            assert MASK not in tokens
+            assert out.forward_passes == 1 + len(out.accepted_lengths)
+    many = generate(model, prompt, 8, 0.005, max_new_tokens=64, generator=torch.Generator().manual_seed(0))
+    assert many.new_tokens == 64 and many.forward_passes < 40  # a low threshold decides several tokens per pass
+
+
+def test_streamer_gets_every_token_once():
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, x):
+            self.chunks.append(x.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    model, streamer = base_with_mask(), Collect()
+    out = generate(model, torch.tensor([TEST_PROMPT]), 4, 0.02, max_new_tokens=30, streamer=streamer,
+                   generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert streamer.chunks[0] == TEST_PROMPT and streamer.ended
+    assert sum(streamer.chunks[1:], []) == out.tokens.tolist()
+
+
+# ----- training, adapters, the registry -----
+def sharp_llama(seed: int = 0):
+    """A tiny Llama with peaked, context-dependent next-token distributions (a random one is near uniform)."""
+    model = tiny_llama(seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+def prompts(n=48, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(8, 48, (int(torch.randint(3, 8, (1,), generator=gen)),), generator=gen).tolist() for _ in range(n)
+    ]
+
+
+def test_short_distillation_lowers_the_loss(tmp_path):
+    model = sharp_llama()
+    cfg = TrainConfig(out_dir=str(tmp_path), block_size=4, steps=40, batch_size=8, lr=5e-3, warmup_steps=5,
+                      anneal_fraction=0.0, pool_size=64, max_new_tokens=24, progress=False)  # fmt: skip
+    from vadusa.blockdiff.train import load_pool
+
+    adapter = train(model, prompts(), cfg, mask_token_id=MASK, eos_token_id=EOS)
+    pool = load_pool(tmp_path / "pool.safetensors")
+    eval_batch = make_batch(pool[:32], Stage(4, 1.0, (0.2, 1.0)), True, MASK, torch.Generator().manual_seed(9))
+    base = sharp_llama()
+    student = make_student(sharp_llama(), rank=cfg.rank)
+    with torch.no_grad():
+        before = batch_loss(student, eval_batch, cfg.beta).item()
+    merged, config = load_student(base, adapter)
+    assert config.block_size == 4 and config.mask_token_id == MASK
+    trained = make_student(merged, rank=1)  # zero LoRA on the merged student: the same logits, teacher = merged
+    with torch.no_grad():
+        logits = trained(
+            input_ids=eval_batch.ids, attention_mask=eval_batch.mask, position_ids=eval_batch.positions
+        ).logits
+        teacher = base(input_ids=eval_batch.clean).logits
+    vocab = logits.shape[-1]
+    after = generalized_jsd(
+        logits.reshape(-1, vocab)[eval_batch.rows], teacher.reshape(-1, vocab)[eval_batch.teacher_rows], cfg.beta
+    )
+    assert after.mean().item() < 0.8 * before, (before, after.mean().item())
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path), block_size=2, steps=3, batch_size=4, pool_size=8, max_new_tokens=10,
+                      log_every=1, progress=False)  # fmt: skip
+    train(sharp_llama(), prompts(8), cfg, mask_token_id=MASK, eos_token_id=EOS)
+    pool_bytes = (tmp_path / "pool.safetensors").read_bytes()
+    cfg.steps = 5
+    train(sharp_llama(), prompts(8), cfg, mask_token_id=MASK, eos_token_id=EOS, resume=True)
+    from vadusa.blockdiff.train import read_log
+
+    assert [line["step"] for line in read_log(tmp_path)] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "pool.safetensors").read_bytes() == pool_bytes  # the teacher's pool is not resampled
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """An adapter for tiny_llama(seed 0) in <assets>/block, with a non-zero LoRA."""
+    root = tmp_path_factory.mktemp("assets")
+    student = make_student(tiny_llama(), rank=4)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(student, BlockConfig.for_model(tiny_llama(), MASK, 4), root / "block")
+    return root
+
+
+def test_decoder_registry_entry(assets):
+    model = tiny_llama()
+    run = build_decoder("block", model, assets, threshold=0.05)
+    merged, config = load_student(model, assets / "block")
+    prompt = torch.tensor([TEST_PROMPT])
+    out = run(prompt, max_new_tokens=40, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    ref = generate(
+        merged, prompt, config.block_size, 0.05, max_new_tokens=40, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(out.sequences, ref.sequences)
+    plain = generate(model, prompt, 4, 0.05, max_new_tokens=40, generator=torch.Generator().manual_seed(2),
+                     mask_token_id=MASK)  # fmt: skip
+    assert not torch.equal(plain.sequences, out.sequences)  # the adapter is applied
+    assert torch.equal(tiny_llama().lm_head.weight, model.lm_head.weight)  # the base model is left untouched
+    with torch.no_grad():  # merged weights == the peft model's logits
+        peft_logits = make_student(tiny_llama(), rank=4)
+        from peft import PeftModel
+
+        peft_logits = PeftModel.from_pretrained(tiny_llama(), str(assets / "block"))(prompt).logits
+    torch.testing.assert_close(merged(prompt).logits, peft_logits, atol=1e-5, rtol=1e-5)
+
+
+# ----- bad input -----
+@pytest.mark.parametrize("threshold", [0, -0.1, 1.5, float("nan")])
+def test_bad_threshold(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        generate(base_with_mask(), torch.tensor([TEST_PROMPT]), 4, threshold, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("block_size", [0, -2, 1.5])
+def test_bad_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        generate(base_with_mask(), torch.tensor([TEST_PROMPT]), block_size, 0.02, max_new_tokens=5)
+
+
+def test_missing_mask_token(assets):
+    with pytest.raises(ValueError, match="missing mask token"):
+        generate(tiny_llama(), torch.tensor([TEST_PROMPT]), 4, 0.02, max_new_tokens=5)
+    with pytest.raises(ValueError, match="missing mask token"):
+        BlockConfig.for_model(tiny_llama(), None, 4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        BlockConfig.for_model(tiny_llama(), 48, 4)
+
+
+def test_adapter_for_another_base(assets):
+    with pytest.raises(ValueError, match="another base model"):
+        build_decoder("block", tiny_llama(seed=1), assets)
+    with pytest.raises(ValueError, match="threshold"):
+        build_decoder("block", tiny_llama(), assets, threshold=2.0)
+    with pytest.raises(ValueError, match="block_size"):
+        build_decoder("block", tiny_llama(), assets, block_size=0)
+    with pytest.raises(FileNotFoundError, match="block"):
+        build_decoder("block", tiny_llama(), assets / "nowhere")
+    with pytest.raises(ValueError, match="assets"):
+        build_decoder("block", tiny_llama(), None)
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError, match="block_size"):
+        TrainConfig(block_size=0)
+    with pytest.raises(ValueError, match="beta"):
+        TrainConfig(beta=-0.5)
+    with pytest.raises(ValueError, match="mask-ratio"):
+        TrainConfig(ratio_end=(0.9, 0.1))

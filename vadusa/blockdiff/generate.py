@@ -1,0 +1,161 @@
+"""Block decoding with confidence thresholding, on the engine's pre-allocated KV cache.
+
+One block of n <= block_size targets p .. p+n-1 at a time. Because of the token shift, the block's
+window of inputs is [x_{p-1}, y_p, ..., y_{p+n-2}] (y = the target or the mask token while it is
+undecided) and the output at window slot j is the prediction for target p + j. Each forward:
+
+    1. runs [commit ; window]: the commit is the previous, completed window (or the prompt at prefill),
+       written to the cache once and kept; the window's cache entries are dropped again,
+    2. samples every undecided target and unmasks all whose sampled probability >= threshold, and
+       always the most confident one,
+    3. emits the decided prefix of the block (streaming), shrinks the block at an EOS or the budget.
+
+The prefix is never recomputed; a completed block rides along with the next block's first forward, so
+it costs no forward of its own. At block size 1 this is auto-regressive decoding (test: temperature 0
+gives greedy `generate_ar`'s tokens). The mask token is never sampled. Logits processors see the
+emitted prefix as history (for targets after undecided ones inside a block, it lacks the block's own).
+"""
+
+import torch
+
+from ..generate import GenerationOutput, _Decoding, as_processor, split_model
+from .masks import decoding_mask
+
+
+def check_block_options(block_size, threshold) -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if not isinstance(threshold, int | float) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def block_probs(logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int) -> torch.Tensor:
+    """(k, V) logits -> (k, V) probabilities: processors, then temperature, then top-k (as `logits_to_probs`).
+
+    The mask token is never a target: its probability is 0.
+    """
+    scores = logits.float()
+    if processor is not None:
+        scores = processor(history.expand(scores.shape[0], -1), scores)
+    scores[:, mask_token_id] = float("-inf")
+    if temperature > 0:
+        scores = scores / temperature
+        if top_k:
+            kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def sample_and_select(probs, temperature: float, threshold: float, generator):
+    """(k, V) probs -> (tokens (k,), chosen (k,) bool): draw every row, keep rows whose draw has prob >= threshold.
+
+    The most confident row is always kept, so every forward decides at least one target.
+    """
+    greedy = temperature == 0
+    tokens = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]  # (k,)
+    confidence = probs.gather(-1, tokens[:, None])[:, 0]  # (k,)
+    chosen = confidence >= threshold
+    chosen[confidence.argmax()] = True
+    return tokens, chosen
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    block_size: int = 4,
+    threshold: float = 0.02,
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    eos_token_id=None,
+    logits_processor=None,
+    generator: torch.Generator | None = None,
+    streamer=None,
+    top_k: int | None = None,
+    mask_token_id: int | None = None,
+) -> GenerationOutput:
+    """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
+
+    `mask_token_id` defaults to `model.config.mask_token_id` (set by `load_student`). `accepted_lengths`
+    holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
+    keys and values are not an auto-regressive cache to continue from.
+    """
+    check_block_options(block_size, threshold)
+    mask_token_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if mask_token_id is None or not 0 <= int(mask_token_id) < vocab:
+        raise ValueError(
+            f"missing mask token: got mask_token_id={mask_token_id!r}; load the model with "
+            f"vadusa.blockdiff.load_student or pass a reserved id in [0, {vocab})"
+        )
+    body, out_layer = split_model(model)
+    processor = as_processor(logits_processor)
+    d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer)
+    device, dtype = model.device, out_layer.weight.dtype
+    seq = d.seq[0]  # (capacity,) prompt + decided tokens (decided-but-not-emitted ones sit past d.length)
+
+    commit, causal_commit = d.prompt[0, :-1], True  # the prefill: the prompt before its last token
+    while not d.done:
+        p = d.length  # first target of this block
+        n = min(block_size, d.max_new_tokens - (p - d.prompt_len))  # block shrinks at the budget
+        seq[p : p + n] = mask_token_id
+        decided = torch.zeros(n, dtype=torch.bool, device=device)  # (n,)
+        emitted = 0  # targets of this block already emitted
+        while emitted < n:
+            past = d.cache.get_seq_length()
+            window = seq[p - 1 : p - 1 + n]  # (n,) inputs: x_{p-1}, then the block's targets but the last
+            ids = torch.cat([commit, window])[None]  # (1, c + n)
+            mask = decoding_mask(past, len(commit), n, causal_commit, dtype).to(device)
+            positions = torch.arange(past, past + ids.shape[1], device=device)[None]
+            hidden = body(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=d.cache, use_cache=True
+            ).last_hidden_state[0, len(commit) :]  # (n, D)
+            d.cache.crop(-n)  # keep the commit, drop the window
+            commit = commit[:0]
+            first_pass = d.forward_passes == 0
+            d.forward_passes += 1
+
+            todo = (~decided).nonzero()[:, 0]  # (k,) undecided slots
+            probs = block_probs(
+                out_layer(hidden[todo]), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id
+            )  # (k, V)
+            tokens, chosen = sample_and_select(probs, temperature, threshold, generator)
+            slots = todo[chosen]
+            seq[p + slots] = tokens[chosen]
+            decided[slots] = True
+            is_eos = torch.zeros_like(decided)
+            for e in d.eos:
+                is_eos |= decided & (seq[p : p + n] == e)
+            if is_eos.any():  # nothing after the first decided EOS is needed
+                n = int(is_eos.nonzero()[0, 0]) + 1
+                decided = decided[:n]
+            if not first_pass:
+                d.accepted_lengths.append(int((slots < n).sum()))
+
+            ready = emitted + int(decided[emitted:].long().cumprod(0).sum())  # decided prefix of the block
+            if ready > emitted:
+                d.emit(seq[p + emitted : p + ready].tolist())
+                emitted = ready
+        commit, causal_commit = seq[p - 1 : p - 1 + n].clone(), False
+    out = d.output()
+    out.cache = None
+    return out
+
+
+def block_factory(model, assets=None, threshold: float = 0.02, block_size: int | None = None):
+    """The "block" entry of `vadusa.decoders`: the adapter in <assets>/block merged into a copy of `model`.
+
+    `block_size` defaults to the one the adapter was distilled for; `run(input_ids, **kw)` calls `generate`.
+    """
+    from pathlib import Path
+
+    from .student import load_student
+
+    if assets is None:
+        raise ValueError("decoder 'block' needs assets: a directory holding block/ (the distilled adapter)")
+    if block_size is not None:
+        check_block_options(block_size, threshold)
+    student, config = load_student(model, Path(assets) / "block")
+    block_size = config.block_size if block_size is None else block_size
+    check_block_options(block_size, threshold)
+    return lambda input_ids, **kw: generate(student, input_ids, block_size=block_size, threshold=threshold, **kw)

@@ -1,0 +1,101 @@
+"""Block-causal attention masks, as 4D additive float masks (0 = visible, dtype-min = hidden).
+
+Layout of a sequence with prompt length P and block size B. The generation stream starts at position
+s = P - 1 (the prompt's last token) and is cut into blocks of B positions, block k = [s + kB, s + (k+1)B).
+Because of the token shift (the prediction for position i is read at position i - 1), block k's B
+positions are the *inputs* that predict the B targets s + kB + 1 ... s + (k+1)B; its first input is
+always a known token (the prompt's last token or the previous block's last target).
+
+Training sequence (BD3-LM style): [clean x_0..x_{T-1} ; noised copy 1 ; ... ; noised copy C], each noised
+copy holding positions s .. T-2 (some tokens replaced by the mask token):
+    clean  -> clean     causal over the prompt; in the generation stream block-causal (a block sees
+                        the blocks before it and itself, bidirectionally)
+    noised -> clean     noised block k sees the clean prompt and the clean blocks < k
+    noised -> noised    only its own block of its own copy, bidirectionally
+    clean  -> noised    never
+Decoding: the cache holds everything before the current block's first input; one forward carries an
+optional `commit` segment (the completed previous block, or the prompt at prefill) and the `draft`
+window (the current block): commit sees the cache and itself (causal for the prompt, bidirectional for
+a block), the draft sees the cache, the commit and itself.
+"""
+
+import torch
+
+
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean visibility (..., q, k) -> additive float mask: 0 where visible, the dtype's minimum elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def training_layout(prompt_len: int, length: int, clean_size: int, noised_size: int, copies: int):
+    """Per row of the [clean ; noised x copies] input: (position (L,), copy (L,) 0 = clean, valid (L,)).
+
+    `length` is this sample's true length T (<= clean_size); its noised copies hold T - prompt_len
+    positions (<= noised_size); the rest is right padding.
+    """
+    if not 1 <= prompt_len < length <= clean_size or length - prompt_len > noised_size:
+        raise ValueError(
+            f"bad layout: prompt_len={prompt_len}, length={length}, clean_size={clean_size}, noised_size={noised_size}"
+        )
+    start = prompt_len - 1
+    clean_pos = torch.arange(clean_size)
+    noised_pos = start + torch.arange(noised_size)
+    position = torch.cat([clean_pos] + [noised_pos] * copies)  # (L,)
+    copy = torch.cat(
+        [torch.zeros(clean_size, dtype=torch.long)] + [torch.full((noised_size,), c + 1) for c in range(copies)]
+    )
+    valid = torch.cat([clean_pos < length] + [noised_pos < length - 1] * copies)  # (L,)
+    return position, copy, valid
+
+
+def training_visibility(
+    prompt_len: int, length: int, block_size: int, clean_size: int, noised_size: int, copies: int = 1
+) -> torch.Tensor:
+    """(L, L) boolean visibility of the training input, L = clean_size + copies * noised_size (rules above).
+
+    Padding rows see only themselves (so no softmax row is empty); nothing sees padding.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    position, copy, valid = training_layout(prompt_len, length, clean_size, noised_size, copies)
+    start = prompt_len - 1
+    in_stream = position >= start
+    block = torch.where(in_stream, (position - start) // block_size, -1)  # (L,) -1 for the prompt
+    q_pos, k_pos = position[:, None], position[None, :]
+    q_blk, k_blk = block[:, None], block[None, :]
+    q_copy, k_copy = copy[:, None], copy[None, :]
+    q_clean, k_clean = q_copy == 0, k_copy == 0
+    same_block = (q_blk == k_blk) & in_stream[:, None] & in_stream[None, :]
+    clean_clean = q_clean & k_clean & ((k_pos <= q_pos) | same_block)
+    noised_clean = ~q_clean & k_clean & ((k_blk < 0) | (k_blk < q_blk))
+    noised_noised = ~q_clean & (q_copy == k_copy) & same_block
+    visible = (clean_clean | noised_clean | noised_noised) & valid[None, :]
+    return visible | torch.eye(len(position), dtype=torch.bool)
+
+
+def training_mask(
+    prompt_len: int,
+    length: int,
+    block_size: int,
+    clean_size: int,
+    noised_size: int,
+    copies: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(1, L, L) additive mask of one training sample (stack samples on dim 0 for a (N, 1, L, L) batch)."""
+    return additive(training_visibility(prompt_len, length, block_size, clean_size, noised_size, copies), dtype)[None]
+
+
+def decoding_visibility(past: int, commit: int, draft: int, causal_commit: bool) -> torch.Tensor:
+    """(commit + draft, past + commit + draft) boolean visibility of one decoding forward (rules above)."""
+    n = commit + draft
+    visible = torch.ones(n, past + n, dtype=torch.bool)
+    visible[:commit, past + commit :] = False  # the commit never sees the draft
+    if causal_commit:
+        visible[:commit, past : past + commit] = torch.ones(commit, commit, dtype=torch.bool).tril()
+    return visible
+
+
+def decoding_mask(past: int, commit: int, draft: int, causal_commit: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, commit + draft, past + commit + draft) additive mask of one decoding forward."""
+    return additive(decoding_visibility(past, commit, draft, causal_commit), dtype)[None, None]

@@ -1,0 +1,126 @@
+"""The student: the base LM + a small peft LoRA + a mask token, saved as a peft adapter directory.
+
+    student = make_student(model, BlockConfig.for_model(model, mask_token_id=0, block_size=4), rank=8)
+    save_adapter(student, config, "out/block")     # adapter_config.json, adapter_model.safetensors, block_config.json
+    merged, config = load_student(model, "out/block")   # a merged copy of the base; the base is untouched
+
+Mask token: a token id of the base vocabulary that never occurs in the text the model reads or writes
+(a reserved id), named in `block_config.json`. No vocabulary row is added: a new row would change the
+output layer (tied embeddings add a logit) and the teacher would no longer be the student at block
+size 1. The demo LM uses its `<pad>` id. Its input embedding stays frozen; the LoRA learns to read it.
+
+Token shift: the student keeps the base's next-token alignment (the prediction for position i is read
+at position i - 1), so at block size 1 (no mask token in any window) and with the LoRA at its initial
+value (B = 0) the student is exactly the auto-regressive teacher.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+
+CONFIG_NAME = "block_config.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def base_fingerprint(model) -> str:
+    """A short hash of the base model's shapes and input embeddings: an adapter is only loaded on its own base."""
+    emb = model.get_input_embeddings().weight.detach().float()
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters() if "lora_" not in name]
+    summary = f"{sorted(shapes)}|{emb.abs().sum().item():.5e}|{emb[:, 0].sum().item():.5e}"
+    return hashlib.sha256(summary.encode()).hexdigest()[:16]
+
+
+@dataclass
+class BlockConfig:
+    mask_token_id: int  # reserved id of the base vocabulary fed at masked positions
+    block_size: int  # block size the adapter was distilled for (the decoder's default)
+    vocab_size: int  # the base's vocabulary size
+    base_fingerprint: str  # base_fingerprint(base) at training time; checked on load
+
+    @classmethod
+    def for_model(cls, model, mask_token_id: int | None, block_size: int) -> "BlockConfig":
+        vocab = model.get_input_embeddings().weight.shape[0]
+        check_mask_token(mask_token_id, vocab)
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        return cls(int(mask_token_id), int(block_size), int(vocab), base_fingerprint(model))
+
+    def save(self, directory: Path) -> None:
+        tmp = Path(directory) / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, Path(directory) / CONFIG_NAME)
+
+    @classmethod
+    def load(cls, directory: Path) -> "BlockConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a block-distillation adapter directory")
+        return cls(**json.loads(path.read_text()))
+
+
+def check_mask_token(mask_token_id, vocab_size: int) -> None:
+    if mask_token_id is None:
+        raise ValueError(
+            "missing mask token: block decoding needs a reserved token id of the base vocabulary (e.g. its pad id)"
+        )
+    if not 0 <= int(mask_token_id) < vocab_size:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab_size})")
+
+
+def make_student(model, rank: int = 8, alpha: float = 16.0, target_modules: str | list[str] = "all-linear"):
+    """Wrap `model` (in place) with a fresh LoRA whose B matrices are zero: the student starts as the teacher."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")
+    return get_peft_model(model, config)
+
+
+def save_adapter(student, config: BlockConfig, directory: str | os.PathLike) -> Path:
+    """peft adapter files + block_config.json into `directory`, atomically (a temp dir swapped in)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student.save_pretrained(str(tmp), safe_serialization=True)
+    config.save(tmp)
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def check_adapter(model, directory: Path) -> BlockConfig:
+    """The adapter's BlockConfig, after checking that it exists and was made for this base model."""
+    directory = Path(directory)
+    missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"block adapter directory {directory} lacks {missing}")
+    config = BlockConfig.load(directory)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if config.vocab_size != vocab or config.base_fingerprint != base_fingerprint(model):
+        raise ValueError(
+            f"the block adapter in {directory} was distilled for another base model (fingerprint "
+            f"{config.base_fingerprint}, vocabulary {config.vocab_size}); this model has fingerprint "
+            f"{base_fingerprint(model)}, vocabulary {vocab}"
+        )
+    check_mask_token(config.mask_token_id, vocab)
+    return config
+
+
+def load_student(model, directory: str | os.PathLike):
+    """(merged student, BlockConfig): the adapter in `directory` merged into a copy of `model` (left untouched).
+
+    The merged model is a plain transformers model of the base's class (same speed per forward); its
+    config carries `mask_token_id` so that `vadusa.blockdiff.generate` finds the mask token.
+    """
+    config = check_adapter(model, Path(directory))
+    base = copy.deepcopy(model)
+    merged = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
+    merged.config.mask_token_id = config.mask_token_id
+    return merged.eval().requires_grad_(False), config

@@ -1,0 +1,390 @@
+"""Data-free block distillation: the LM teaches a LoRA copy of itself to fill masked blocks.
+
+    config = TrainConfig(block_size=4, steps=2000, out_dir="runs/block")
+    adapter_dir = train(model, prompts, config, logits_processor=None, mask_token_id=0)
+
+1. Pool: the teacher (the base, LoRA disabled) samples one continuation per prompt at temperature 1
+   (through `logits_processor`, e.g. the TTS's unit-only restriction). No real labels are used.
+2. Step: a batch of pooled sequences; the student reads [clean sequence ; noised copy ; complementary
+   copy] with the block-causal training mask (`masks.py`). Each block's inputs after its first are
+   masked by a per-block ratio; the complementary copy masks exactly the other ones, so every target
+   is trained as unknown. The loss is the generalised JSD (`loss.py`) between the teacher's
+   auto-regressive distribution at each unknown target and the student's prediction read one slot
+   earlier (token shift). Known targets (visible in the window) carry no loss.
+3. Annealing over the first `anneal_fraction` of training: block size 1 -> B, masked positions from
+   the end of the block (a suffix, as auto-regression leaves them) to anywhere, the mask-ratio window
+   from `ratio_start` to `ratio_end`.
+Progress is steps done / `steps`, or elapsed / `max_minutes` when that is larger (a time box).
+Checkpoints (adapter + optimizer + RNG state, safetensors, swapped in atomically) allow `resume`.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .loss import generalized_jsd
+from .masks import training_mask
+from .student import BlockConfig, make_student, save_adapter
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/block"  # pool, checkpoint, log.jsonl and the final adapter/ go here
+    block_size: int = 4  # final block size B
+    steps: int = 2000  # optimizer steps (progress = step / steps unless the time box runs out first)
+    max_minutes: float | None = None  # time box: progress = max(step / steps, minutes / max_minutes)
+    batch_size: int = 16  # sequences per step
+    lr: float = 2e-3  # AdamW peak learning rate (linear warm-up, cosine decay to 10%)
+    warmup_steps: int = 30  # warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights
+    grad_clip: float = 1.0  # gradient-norm clip
+    rank: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA alpha (scale alpha / rank)
+    target_modules: str = "all-linear"  # peft target modules ("all-linear" or comma-separated names)
+    beta: float = 0.5  # generalised-JSD teacher weight: 0 forward KL, 1 reverse KL, 0.5 symmetric (loss.py)
+    complementary: bool = True  # add the complementary-mask copy of every sample
+    anneal_fraction: float = 0.3  # fraction of progress spent annealing (0: start at the final setting)
+    start_block_size: int = 1  # block size at the start of annealing (1 = the causal teacher itself)
+    ratio_start: tuple[float, float] = (0.1, 0.5)  # per-block mask-ratio window U[lo, hi] at the start
+    ratio_end: tuple[float, float] = (0.2, 1.0)  # ... and after annealing
+    pool_size: int = 2048  # teacher continuations sampled once, then reused with fresh masks
+    pool_batch: int = 64  # prompts per teacher sampling call
+    max_new_tokens: int = 256  # teacher continuation cap
+    teacher_temperature: float = 1.0  # temperature of the teacher's samples
+    teacher_top_k: int = 0  # keep only the teacher's top-k distribution in the loss (0: the full one)
+    seed: int = 0  # seed of pool sampling, batch order and masks
+    log_every: int = 10  # steps between log.jsonl lines
+    checkpoint_minutes: float = 3.0  # minutes between checkpoints
+    progress: bool = True  # tqdm bar
+
+    def __post_init__(self):
+        self.ratio_start, self.ratio_end = tuple(self.ratio_start), tuple(self.ratio_end)
+        if self.block_size < 1 or not 1 <= self.start_block_size <= self.block_size:
+            raise ValueError(
+                f"need 1 <= start_block_size <= block_size, got {self.start_block_size}, {self.block_size}"
+            )
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        for lo, hi in (self.ratio_start, self.ratio_end):
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(
+                    f"mask-ratio windows need 0 <= lo <= hi <= 1, got {self.ratio_start}, {self.ratio_end}"
+                )
+
+
+# ----- the schedule -----
+@dataclass
+class Stage:
+    block_size: int  # current block size
+    p_anywhere: float  # probability that a block's masks are placed anywhere (else as a suffix)
+    ratio: tuple[float, float]  # current per-block mask-ratio window
+
+
+def stage_at(progress: float, cfg: TrainConfig) -> Stage:
+    """The annealed setting at `progress` in [0, 1]."""
+    a = 1.0 if cfg.anneal_fraction <= 0 else min(1.0, progress / cfg.anneal_fraction)
+    sizes = cfg.block_size - cfg.start_block_size + 1
+    block = min(cfg.block_size, cfg.start_block_size + int(a * sizes))
+    lo = cfg.ratio_start[0] + a * (cfg.ratio_end[0] - cfg.ratio_start[0])
+    hi = cfg.ratio_start[1] + a * (cfg.ratio_end[1] - cfg.ratio_start[1])
+    return Stage(block, a, (lo, hi))
+
+
+def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sample_masks(gen_len: int, stage: Stage, generator) -> torch.Tensor:
+    """(gen_len,) bool: which noised inputs s + j are masked. Slot 0 of each block (a known token) never is.
+
+    Per block: a ratio r ~ U[lo, hi] and a count of Bernoulli(r) draws over its maskable slots; with
+    probability p_anywhere the draws themselves are the mask, else the same count sits at the block's end.
+    """
+    b = stage.block_size
+    j = torch.arange(gen_len)
+    offset, block = j % b, j // b
+    blocks = int(block[-1]) + 1
+    lo, hi = stage.ratio
+    ratio = lo + (hi - lo) * torch.rand(blocks, generator=generator)  # (blocks,)
+    draws = (torch.rand(gen_len, generator=generator) < ratio[block]) & (offset > 0)  # (G,)
+    count = torch.zeros(blocks, dtype=torch.long).index_add_(0, block, draws.long())  # (blocks,)
+    block_len = torch.clamp(gen_len - block * b, max=b)  # (G,) length of each slot's block
+    suffix = (block_len - 1 - offset < count[block]) & (offset > 0)
+    anywhere = torch.rand(blocks, generator=generator) < stage.p_anywhere  # (blocks,)
+    return torch.where(anywhere[block], draws, suffix)
+
+
+def unknown_targets(masked: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(G,) bool over noised slots j: is target s + j + 1 unknown to the window (masked, or past its end)?"""
+    gen_len = masked.shape[0]
+    nxt = torch.arange(1, gen_len + 1)  # slot of the target inside the noised copy
+    past_end = (nxt % block_size == 0) | (nxt == gen_len)
+    masked_next = torch.cat([masked[1:], masked.new_zeros(1)])
+    return past_end | masked_next
+
+
+# ----- a batch -----
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (N, L) [clean ; noised copies] token ids
+    positions: torch.Tensor  # (N, L) position ids
+    mask: torch.Tensor  # (N, 1, L, L) additive block-causal mask
+    clean: torch.Tensor  # (N, S) clean ids alone (the teacher's input)
+    rows: torch.Tensor  # (M,) flat indices into (N * L) of the student rows that carry loss
+    teacher_rows: torch.Tensor  # (M,) flat indices into (N * S) of the teacher rows they are compared with
+    targets: int = 0  # generated tokens in the batch
+    inputs: int = 0  # non-padding input tokens of the student
+
+
+def make_batch(seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32) -> Batch:
+    """seqs: list of (ids (T,), prompt_len). Right-padded with the mask token (padding is never visible)."""
+    copies = 2 if complementary else 1
+    clean_size = max(len(ids) for ids, _ in seqs)
+    noised_size = max(len(ids) - p for ids, p in seqs)
+    width = clean_size + copies * noised_size
+    ids = torch.full((len(seqs), width), mask_token_id, dtype=torch.long)
+    positions = torch.zeros(len(seqs), width, dtype=torch.long)
+    masks, rows, teacher_rows, inputs = [], [], [], 0
+    for i, (seq, p) in enumerate(seqs):
+        length, gen_len, start = len(seq), len(seq) - p, p - 1
+        ids[i, :length] = seq
+        positions[i, :clean_size] = torch.arange(clean_size)
+        masked = sample_masks(gen_len, stage, generator)
+        for c, m in enumerate([masked, ~masked & (torch.arange(gen_len) % stage.block_size > 0)][:copies]):
+            at = clean_size + c * noised_size
+            ids[i, at : at + gen_len] = torch.where(m, mask_token_id, seq[start : start + gen_len])
+            positions[i, at : at + noised_size] = start + torch.arange(noised_size)
+            slots = unknown_targets(m, stage.block_size).nonzero()[:, 0]  # (k,)
+            rows.append(i * width + at + slots)
+            teacher_rows.append(i * clean_size + start + slots)
+        masks.append(training_mask(p, length, stage.block_size, clean_size, noised_size, copies, dtype))
+        inputs += length + copies * gen_len
+    return Batch(
+        ids=ids,
+        positions=positions,
+        mask=torch.stack(masks),
+        clean=ids[:, :clean_size],
+        rows=torch.cat(rows),
+        teacher_rows=torch.cat(teacher_rows),
+        targets=sum(len(s) - p for s, p in seqs),
+        inputs=inputs,
+    )
+
+
+def teacher_logits(student, clean: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(N, S, V) the base's causal logits (LoRA disabled); outside the top-k -> -inf when top_k > 0."""
+    with torch.no_grad(), student.disable_adapter():
+        logits = student(input_ids=clean).logits.float()
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def batch_loss(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tensor:
+    """Mean generalised JSD over the unknown targets of the batch."""
+    teacher = teacher_logits(student, batch.clean, top_k)
+    logits = student(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions).logits  # (N, L, V)
+    vocab = logits.shape[-1]
+    s = logits.reshape(-1, vocab)[batch.rows]  # (M, V)
+    t = teacher.reshape(-1, vocab)[batch.teacher_rows]  # (M, V)
+    return generalized_jsd(s, t, beta).mean()
+
+
+# ----- the teacher's pool -----
+@torch.no_grad()
+def sample_pool(model, prompts, cfg: TrainConfig, mask_token_id: int, eos_token_id, logits_processor, generator):
+    """One teacher continuation per prompt (cycling through `prompts`), as (ids (T,), prompt_len) pairs."""
+    from transformers import GenerationConfig
+
+    eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, int) else list(eos_token_id)
+    eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    gconf = GenerationConfig(
+        do_sample=True,
+        temperature=cfg.teacher_temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=mask_token_id,
+    )
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    chosen = [prompts[order[i % len(prompts)]] for i in range(cfg.pool_size)]
+    pool = []
+    for at in tqdm(range(0, len(chosen), cfg.pool_batch), desc="teacher samples", disable=not cfg.progress):
+        group = chosen[at : at + cfg.pool_batch]
+        width = max(len(p) for p in group)
+        ids = torch.full((len(group), width), mask_token_id, dtype=torch.long)
+        attention = torch.zeros(len(group), width, dtype=torch.long)
+        for i, p in enumerate(group):  # left padding for batched generation
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))  # generate() uses the global RNG
+        out = model.generate(
+            ids, attention_mask=attention, generation_config=gconf, logits_processor=logits_processor
+        )  # (n, width + new)
+        for i, p in enumerate(group):
+            new = out[i, width:].tolist()
+            cut = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))
+            pool.append((torch.tensor(p + new[:cut]), len(p)))
+    return pool
+
+
+def save_pool(pool, path: Path) -> None:
+    tensors = {
+        "ids": torch.cat([ids for ids, _ in pool]),
+        "lengths": torch.tensor([len(ids) for ids, _ in pool]),
+        "prompt_lengths": torch.tensor([p for _, p in pool]),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_pool(path: Path):
+    t = load_file(str(path))
+    seqs = torch.split(t["ids"], t["lengths"].tolist())
+    return list(zip(seqs, t["prompt_lengths"].tolist(), strict=True))
+
+
+# ----- checkpoints -----
+def save_checkpoint(directory: Path, student, optimizer, state: dict, generator) -> None:
+    """Adapter weights, AdamW moments, RNG state and counters, swapped in atomically as one directory."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in get_peft_model_state_dict(student).items()}, str(tmp / "adapter.safetensors")
+    )
+    moments = {
+        f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items() if torch.is_tensor(v)
+    }
+    moments["rng"] = generator.get_state()
+    save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, student, optimizer, generator) -> dict:
+    set_peft_model_state_dict(student, load_file(str(directory / "adapter.safetensors")))
+    moments = load_file(str(directory / "optimizer.safetensors"))
+    generator.set_state(moments.pop("rng"))
+    state = optimizer.state_dict()
+    params = state["param_groups"][0]["params"]
+    state["state"] = {i: {} for i in params}
+    for key, value in moments.items():
+        i, name = key.split(".", 1)
+        state["state"][int(i)][name] = value
+    optimizer.load_state_dict(state)
+    return json.loads((directory / "state.json").read_text())
+
+
+# ----- the loop -----
+def train(
+    model,
+    prompts: list[list[int]],
+    cfg: TrainConfig,
+    mask_token_id: int | None,
+    eos_token_id=None,
+    logits_processor=None,
+    resume: bool = False,
+) -> Path:
+    """Distill `model` (wrapped in place with a LoRA) and save the adapter to <out_dir>/adapter; returns that path."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    block_config = BlockConfig.for_model(model, mask_token_id, cfg.block_size)  # fingerprint of the bare base
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.eval().requires_grad_(False)
+
+    pool_path = out / "pool.safetensors"
+    if resume and pool_path.is_file():
+        pool = load_pool(pool_path)
+    else:
+        pool = sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator)
+        save_pool(pool, pool_path)
+    pool = [(ids, p) for ids, p in pool if len(ids) > p]  # at least one generated token
+
+    student = make_student(model, cfg.rank, cfg.alpha, cfg.target_modules)
+    params = [p for p in student.parameters() if p.requires_grad]
+    dtype = params[0].dtype
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"step": 0, "minutes": 0.0, "targets_seen": 0, "inputs_seen": 0, "config": asdict(cfg)}
+    checkpoint = out / "checkpoint"
+    if resume and checkpoint.is_dir():
+        state = load_checkpoint(checkpoint, student, optimizer, generator)
+    elif not resume:
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+    def progress_now(minutes: float) -> float:
+        by_time = minutes / cfg.max_minutes if cfg.max_minutes else 0.0
+        return max(state["step"] / cfg.steps, by_time)
+
+    start, minutes_before = time.perf_counter(), state["minutes"]
+    last_save, losses, order = time.perf_counter(), [], []
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not cfg.progress)
+    student.train()
+    while True:
+        minutes = minutes_before + (time.perf_counter() - start) / 60
+        progress = progress_now(minutes)
+        if progress >= 1.0:
+            break
+        stage = stage_at(progress, cfg)
+        if len(order) < cfg.batch_size:
+            order += torch.randperm(len(pool), generator=generator).tolist()
+        picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        batch = make_batch([pool[i] for i in picked], stage, cfg.complementary, mask_token_id, generator, dtype)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(state["step"], progress, cfg)
+        loss = batch_loss(student, batch, cfg.beta, cfg.teacher_top_k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+
+        state["step"] += 1
+        state["targets_seen"] += batch.targets
+        state["inputs_seen"] += batch.inputs
+        state["minutes"] = minutes_before + (time.perf_counter() - start) / 60
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", block=stage.block_size)
+        if state["step"] % cfg.log_every == 0:
+            line = {
+                "step": state["step"],
+                "minutes": round(state["minutes"], 3),
+                "progress": round(progress, 4),
+                "block_size": stage.block_size,
+                "loss": sum(losses) / len(losses),
+                "lr": optimizer.param_groups[0]["lr"],
+                "targets_seen": state["targets_seen"],
+                "inputs_seen": state["inputs_seen"],
+            }
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            losses = []
+        if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
+            save_checkpoint(checkpoint, student, optimizer, state, generator)
+            last_save = time.perf_counter()
+    bar.close()
+    save_checkpoint(checkpoint, student, optimizer, state, generator)
+    student.eval()
+    return save_adapter(student, block_config, out / "adapter")
+
+
+def read_log(out_dir) -> list[dict]:
+    path = Path(out_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
