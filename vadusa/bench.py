@@ -412,3 +412,66 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     if not texts:
         raise ValueError(f"texts file {p} has no non-empty line")
     return texts
+
+
+# ----- the demo TTS as a task; default row sets -----
+DEFAULT_CONFIGS = (
+    "vadusa:tolerance=1|2|3|4,tree=auto; vadusa:tolerance=3,tree=chain; vadusa:acceptance=typical|lossless; "
+    "block:threshold=0.01|0.02|0.05|0.1"
+)  # every shipped decoder at its recommended settings plus the key sweeps (~10 min for 20 texts on 2 cores)
+QUICK_CONFIGS = "vadusa:tolerance=3; block:threshold=0.02"  # a couple of minutes
+
+
+def task_from_pipeline(pipe, texts: list[str], voice: str | None = None, temperature: float = 1.0) -> BenchTask:
+    """A BenchTask over a `vadusa.speech.TTSPipeline`: its prompts, unit restriction, judge and unit rate."""
+
+    def score(text: str, out: GenerationOutput) -> float:
+        wav, sr = pipe.vocode(pipe.units(out))
+        return pipe.cer(wav, sr, text)
+
+    return BenchTask(
+        model=pipe.model,
+        texts=texts,
+        prompts=[pipe.prompt(t, voice) for t in texts],
+        max_new_tokens=[pipe.max_new_tokens(t, voice) for t in texts],
+        eos_token_id=pipe.eos_token_id,
+        logits_processor=pipe.logits_processor,
+        assets=pipe.directory,
+        score=score if pipe.judge is not None else None,
+        tokens_per_audio_second=pipe.codec.config.unit_rate,
+        temperature=temperature,
+    )
+
+
+def buildable(task: BenchTask, rows: list[RowSpec]) -> tuple[list[RowSpec], list[dict]]:
+    """Rows whose artifacts exist, and the skipped ones with the reason (a decoder that is not shipped yet)."""
+    kept, skipped = [], []
+    for row in rows:
+        try:
+            build_decoder(row.decoder, task.model, task.assets, **row.factory_options())
+            kept.append(row)
+        except FileNotFoundError as e:
+            skipped.append({"decoder": row.decoder, "config": row.config, "reason": str(e)})
+    return kept, skipped
+
+
+def compare(
+    task: BenchTask,
+    out_dir,
+    configs: str | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """`decode.py --compare`: run the rows (default set, or `configs`), write the report, return it."""
+    out = prepare_out_dir(out_dir)  # fail before minutes of decoding, not after
+    rows = parse_configs(configs or (QUICK_CONFIGS if quick else DEFAULT_CONFIGS))
+    rows, skipped = buildable(task, rows)
+    for s in skipped:
+        print(f"skipping {s['decoder']} {s['config']}: {s['reason']}", file=sys.stderr)
+    report = run_benchmark(task, rows, repeats=1 if quick else repeats, seed=seed, progress=progress, command=command)
+    report["skipped"] = skipped
+    write_report(report, out)
+    return report
