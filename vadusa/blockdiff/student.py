@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -42,6 +42,7 @@ class BlockConfig:
     block_size: int  # block size the adapter was distilled for (the decoder's default)
     vocab_size: int  # the base's vocabulary size
     base_fingerprint: str  # base_fingerprint(base) at training time; checked on load
+    training: dict = field(default_factory=dict)  # how the adapter was made (config, steps, tokens seen)
 
     @classmethod
     def for_model(cls, model, mask_token_id: int | None, block_size: int) -> "BlockConfig":
@@ -86,6 +87,10 @@ def save_adapter(student, config: BlockConfig, directory: str | os.PathLike) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     student.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card template
+    adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = None  # no machine paths; block_config.json names the base
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     config.save(tmp)
     old = directory.with_name(directory.name + ".old")
     if directory.exists():

@@ -63,6 +63,8 @@ class TrainConfig:
     teacher_top_k: int = 0  # keep only the teacher's top-k distribution in the loss (0: the full one)
     seed: int = 0  # seed of pool sampling, batch order and masks
     log_every: int = 10  # steps between log.jsonl lines
+    eval_every: int = 50  # steps between held-out evaluations (0: never)
+    eval_sequences: int = 32  # pooled sequences held out of training for the evaluation
     checkpoint_minutes: float = 3.0  # minutes between checkpoints
     progress: bool = True  # tqdm bar
 
@@ -201,6 +203,23 @@ def batch_loss(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tens
     return generalized_jsd(s, t, beta).mean()
 
 
+@torch.no_grad()
+def evaluate(student, held_out, cfg: TrainConfig, mask_token_id: int, dtype) -> float:
+    """Loss on the held-out sequences at the final stage, with the same masks every time (a clean curve)."""
+    was_training = student.training
+    student.eval()
+    final = stage_at(1.0, cfg)
+    generator = torch.Generator().manual_seed(12345)
+    total, count = 0.0, 0
+    for at in range(0, len(held_out), cfg.batch_size):
+        group = held_out[at : at + cfg.batch_size]
+        batch = make_batch(group, final, cfg.complementary, mask_token_id, generator, dtype)
+        total += batch_loss(student, batch, cfg.beta, cfg.teacher_top_k).item() * len(batch.rows)
+        count += len(batch.rows)
+    student.train(was_training)
+    return total / count
+
+
 # ----- the teacher's pool -----
 @torch.no_grad()
 def sample_pool(model, prompts, cfg: TrainConfig, mask_token_id: int, eos_token_id, logits_processor, generator):
@@ -317,6 +336,11 @@ def train(
         pool = sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator)
         save_pool(pool, pool_path)
     pool = [(ids, p) for ids, p in pool if len(ids) > p]  # at least one generated token
+    held_out, pool = pool[: cfg.eval_sequences], pool[cfg.eval_sequences :]
+    if not pool:
+        raise ValueError(
+            f"pool_size {cfg.pool_size} leaves no sequences for training after {cfg.eval_sequences} held out"
+        )
 
     student = make_student(model, cfg.rank, cfg.alpha, cfg.target_modules)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -333,6 +357,9 @@ def train(
         by_time = minutes / cfg.max_minutes if cfg.max_minutes else 0.0
         return max(state["step"] / cfg.steps, by_time)
 
+    if held_out and cfg.eval_every and state["step"] == 0:  # the initial student (the teacher) at the final stage
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": 0, "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}) + "\n")
     start, minutes_before = time.perf_counter(), state["minutes"]
     last_save, losses, order = time.perf_counter(), [], []
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not cfg.progress)
@@ -362,7 +389,10 @@ def train(
         losses.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", block=stage.block_size)
-        if state["step"] % cfg.log_every == 0:
+        evaluation = {}
+        if held_out and cfg.eval_every and state["step"] % cfg.eval_every == 0:
+            evaluation = {"eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}
+        if state["step"] % cfg.log_every == 0 or evaluation:
             line = {
                 "step": state["step"],
                 "minutes": round(state["minutes"], 3),
@@ -372,16 +402,25 @@ def train(
                 "lr": optimizer.param_groups[0]["lr"],
                 "targets_seen": state["targets_seen"],
                 "inputs_seen": state["inputs_seen"],
+                **evaluation,
             }
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
-            losses = []
+            losses = [] if state["step"] % cfg.log_every == 0 else losses
         if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
             save_checkpoint(checkpoint, student, optimizer, state, generator)
             last_save = time.perf_counter()
     bar.close()
     save_checkpoint(checkpoint, student, optimizer, state, generator)
+    if held_out:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(
+                json.dumps({"step": state["step"], "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)})
+                + "\n"
+            )
     student.eval()
+    block_config.training = {k: state[k] for k in ("step", "minutes", "targets_seen", "inputs_seen")}
+    block_config.training["config"] = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
     return save_adapter(student, block_config, out / "adapter")
 
 
