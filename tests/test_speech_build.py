@@ -1,0 +1,49 @@
+"""scripts/build_demo.py --quick end to end (espeak-ng + fortunes needed; about two minutes on 2 cores)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vadusa.speech import TTSPipeline
+from vadusa.speech.corpus import FORTUNES
+from vadusa.speech.pipeline import REQUIRED
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or not FORTUNES.is_dir(), reason="needs espeak-ng and the fortunes package"
+)
+
+
+def build(out: Path, work: Path, *extra: str) -> float:
+    start = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "scripts" / "build_demo.py"), "--quick", "--out", str(out), "--work", str(work)]
+    subprocess.run(cmd + list(extra), check=True, env=env, capture_output=True, timeout=600)
+    return time.perf_counter() - start
+
+
+def test_quick_build_end_to_end_and_resume(tmp_path):
+    out, work = tmp_path / "demo", tmp_path / "work"
+    build(out, work)
+    assert all((out / f).is_file() for f in REQUIRED)
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files behind
+    pipe = TTSPipeline.from_pretrained(out)
+    wav, sr, gen = pipe.synthesize("The cat sat on the mat.", seed=0)
+    assert sr == 16000 and gen.new_tokens > 0 and 0.0 <= pipe.cer(wav, sr, "The cat sat on the mat.") <= 1.0
+    assert len(pipe.units(gen)) * 2 * 320 >= len(wav)  # 25 units/s of 16 kHz audio
+
+    stamp = {f: (out / f).stat().st_mtime_ns for f in REQUIRED}
+    assert build(out, work) < 60  # everything exists: nothing is redone
+    assert {f: (out / f).stat().st_mtime_ns for f in REQUIRED} == stamp
+
+    (out / "lm" / "model.safetensors").unlink()  # one stage lost: only that stage reruns, same result
+    shutil.rmtree(work / "lm")
+    build(out, work, "--stage", "lm")
+    again = TTSPipeline.from_pretrained(out)
+    assert torch.equal(again.model.model.embed_tokens.weight, pipe.model.model.embed_tokens.weight)

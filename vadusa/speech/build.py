@@ -1,0 +1,260 @@
+"""Stages of the demo build: corpus -> codec -> judge -> lm. Each is resumable and writes atomically.
+
+work/                         (outside the repo; caches)
+  sentences.json              every usable sentence with its split, voice and rate
+  corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each
+  codec_units.safetensors     unit ids of every corpus sentence
+  judge/, lm/                 training checkpoints (resume from here)
+out/                          (the shipped directory, vadusa/assets/demo by default)
+  codec/ judge/ lm/           config.json + model.safetensors each
+"""
+
+import multiprocessing
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import corpus
+from .audio import log_mel
+from .codec import UnitCodec
+from .judge import Judge, JudgeConfig
+from .lm import LMConfig, Vocab, make_model
+from .store import read_json, read_tensors, write_json, write_tensors
+from .train import JudgeTrainConfig, LMTrainConfig, train_judge, train_lm
+
+SHARD = 500  # sentences per corpus shard
+
+
+@dataclass
+class BuildConfig:
+    work: Path  # cache directory for the corpus, units and checkpoints (outside the repo)
+    out: Path  # shipped directory: codec/, judge/, lm/
+    quick: bool = False  # tiny corpus and models: the whole build in about two minutes (CI)
+    max_sentences: int | None = None  # cap on corpus sentences (None: every usable fortune sentence)
+    workers: int = 2  # processes for the corpus synthesis (one torch thread each)
+
+
+def sentence_table(cfg: BuildConfig) -> list[dict]:
+    """Every corpus sentence with its split, voice and rate; written once to work/sentences.json."""
+    path = cfg.work / "sentences.json"
+    if path.exists():
+        return read_json(path)
+    sentences = corpus.read_sentences()
+    limit = 360 if cfg.quick else cfg.max_sentences
+    if limit is not None and limit < len(sentences):  # a fixed, spread-out subset
+        sentences = sorted(sentences, key=lambda s: corpus._digest(s, "subset"))[:limit]
+        sentences.sort()
+    rows = []
+    for s in sentences:
+        voice, rate = corpus.voice_rate_of(s)
+        rows.append({"text": s, "split": corpus.split_of(s), "voice": voice, "rate": rate})
+    if cfg.quick:  # a tiny corpus still needs a few held-out sentences
+        for i, row in enumerate(rows):
+            row["split"] = "test" if i % 30 == 0 else "valid" if i % 30 == 1 else "train"
+    write_json(path, rows)
+    return rows
+
+
+def _worker_init():
+    torch.set_num_threads(1)
+
+
+def _synth_one(row: dict) -> dict | None:
+    try:
+        return corpus.synthesize(row["text"], row["voice"], row["rate"])
+    except (ValueError, RuntimeError) as e:
+        print(f"skipping {row['text']!r}: {e}")
+        return None
+
+
+def build_corpus(cfg: BuildConfig) -> list[Path]:
+    """Synthesise every sentence into shards of phonemes + log-mel; existing shards are kept (resume)."""
+    rows = sentence_table(cfg)
+    shards = []
+    todo = []
+    for start in range(0, len(rows), SHARD):
+        path = cfg.work / "corpus" / f"shard-{start // SHARD:05d}.safetensors"
+        shards.append(path)
+        if not path.exists():
+            todo.append((path, rows[start : start + SHARD]))
+    if not todo:
+        return shards
+    bar = tqdm(total=sum(len(r) for _, r in todo), desc="corpus (espeak-ng)", unit="sent")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(cfg.workers, initializer=_worker_init) as pool:
+        for path, chunk in todo:
+            items = []
+            for item in pool.imap(_synth_one, chunk, chunksize=8):
+                bar.update(1)
+                if item is not None:
+                    items.append(item)
+            write_shard(path, items, chunk)
+    bar.close()
+    return shards
+
+
+def write_shard(path: Path, items: list[dict], rows: list[dict]) -> None:
+    split = {r["text"]: r["split"] for r in rows}
+    meta = [{k: it[k] for k in ("text", "voice", "rate", "phonemes")} | {"split": split[it["text"]]} for it in items]
+    lengths = torch.tensor([it["mel"].shape[0] for it in items], dtype=torch.long)
+    write_json(path.with_suffix(".json"), meta)  # JSON first: a shard counts as done once its tensors exist
+    write_tensors(path, {"mel": torch.cat([it["mel"] for it in items]), "lengths": lengths})
+
+
+def load_corpus(cfg: BuildConfig) -> tuple[list[dict], list[torch.Tensor]]:
+    """(metadata rows, (T, 80) float16 log-mels) of every synthesised sentence, in shard order."""
+    rows, mels = [], []
+    for path in sorted((cfg.work / "corpus").glob("shard-*.safetensors")):
+        rows += read_json(path.with_suffix(".json"))
+        t = read_tensors(path)
+        mels += list(torch.split(t["mel"], t["lengths"].tolist()))
+    return rows, mels
+
+
+# ----- codec -----
+def build_codec(cfg: BuildConfig):
+    """Fit k-means on the training mels, encode every sentence, fix the LM vocabulary from training phonemes."""
+    out = cfg.out / "codec"
+    units_path = cfg.work / "units.safetensors"
+    rows, mels = load_corpus(cfg)
+    if not rows:
+        raise RuntimeError(f"no corpus under {cfg.work / 'corpus'}: run the corpus stage first")
+    if (out / "model.safetensors").exists() and units_path.exists():
+        return UnitCodec.from_pretrained(out)
+    train = [m for r, m in zip(rows, mels, strict=True) if r["split"] == "train"]
+    codec = UnitCodec.fit(train, num_units=64 if cfg.quick else 1024)
+    units = [codec.encode(m) for m in tqdm(mels, desc="codec encode", unit="sent")]
+    counts = torch.bincount(torch.cat(units), minlength=codec.config.num_units)
+    print(f"codec: {codec.config.num_units} units, {int((counts == 0).sum())} unused")
+    write_tensors(units_path, {"units": torch.cat(units), "lengths": torch.tensor([len(u) for u in units])})
+    phonemes = sorted({p for r in rows if r["split"] == "train" for p in r["phonemes"]})
+    vocab = Vocab(voices=list(corpus.VOICES), rates=list(corpus.RATES), phonemes=phonemes,
+                  num_units=codec.config.num_units)  # fmt: skip
+    vocab.save(cfg.work / "vocab.json")
+    codec.save_pretrained(out)
+    return codec
+
+
+def load_units(cfg: BuildConfig) -> list[torch.Tensor]:
+    t = read_tensors(cfg.work / "units.safetensors")
+    return list(torch.split(t["units"], t["lengths"].tolist()))
+
+
+# ----- judge -----
+def judge_configs(cfg: BuildConfig) -> tuple[JudgeConfig, JudgeTrainConfig, int]:
+    """(model, training, number of Griffin-Lim vocoded training sentences)."""
+    if cfg.quick:
+        return JudgeConfig(channels=64, hidden=64), JudgeTrainConfig(steps=60, frames=6000, warmup=10), 16
+    return (
+        JudgeConfig(),
+        JudgeTrainConfig(
+            steps=int(os.environ.get("VADUSA_JUDGE_STEPS", 1000)),
+            frames=int(os.environ.get("VADUSA_JUDGE_FRAMES", 8000)),
+        ),
+        1200,
+    )
+
+
+def vocoded_mels(codec: UnitCodec, units: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
+    """log-mel of the Griffin-Lim audio of each unit sequence (the judge's vocoder domain); cached at `path`."""
+    if path.exists():
+        t = read_tensors(path)
+        return list(torch.split(t["mel"], t["lengths"].tolist()))
+    mels = [log_mel(codec.vocode(u, seed=i)[0]).half() for i, u in enumerate(tqdm(units, desc="vocode", unit="sent"))]
+    write_tensors(path, {"mel": torch.cat(mels), "lengths": torch.tensor([m.shape[0] for m in mels])})
+    return mels
+
+
+def build_judge(cfg: BuildConfig) -> Judge:
+    """Train the CTC judge on espeak mels, unit-quantised mels and Griffin-Lim vocoded mels (train split)."""
+    out = cfg.out / "judge"
+    if (out / "model.safetensors").exists():
+        return Judge.from_pretrained(out)
+    rows, mels = load_corpus(cfg)
+    units = load_units(cfg)
+    codec = UnitCodec.from_pretrained(cfg.out / "codec")
+    model_cfg, train_cfg, n_vocoded = judge_configs(cfg)
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    rng = random.Random(0)
+    voc_ids = sorted(rng.sample(train, min(n_vocoded, len(train))))
+    voc = vocoded_mels(codec, [units[i] for i in voc_ids], cfg.work / "judge" / "vocoded.safetensors")
+    x = [mels[i] for i in train] + [codec.decode(units[i]).half() for i in train] + voc
+    y = [rows[i]["text"] for i in train] * 2 + [rows[i]["text"] for i in voc_ids]
+    torch.manual_seed(0)
+    judge = train_judge(Judge(model_cfg), x, y, train_cfg, cfg.work / "judge" / "ckpt", log=_logger(cfg, "judge"))
+    judge.save_pretrained(out)
+    return judge
+
+
+# ----- codec LM -----
+def lm_configs(cfg: BuildConfig) -> tuple[LMConfig, LMTrainConfig]:
+    if cfg.quick:
+        return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(steps=120, warmup=10, lr=3e-3)
+    return LMConfig(), LMTrainConfig(steps=int(os.environ.get("VADUSA_LM_STEPS", 2500)))
+
+
+def lm_data(cfg: BuildConfig, vocab: Vocab, split: str) -> tuple[list[list[int]], list[int]]:
+    rows, _ = load_corpus(cfg)
+    units = load_units(cfg)
+    seqs, prompts = [], []
+    for r, u in zip(rows, units, strict=True):
+        if r["split"] == split:
+            prompt = vocab.prompt_ids(r["phonemes"], r["voice"], r["rate"])
+            seqs.append(prompt + (u + vocab.unit_offset).tolist() + [vocab.eos])
+            prompts.append(len(prompt))
+    return seqs, prompts
+
+
+def build_lm(cfg: BuildConfig):
+    """Train the codec LM and write lm/ (transformers save_pretrained + vocab.json + lm.json)."""
+    out = cfg.out / "lm"
+    if (out / "model.safetensors").exists():
+        return
+    vocab = Vocab.load(cfg.work / "vocab.json")
+    model_cfg, train_cfg = lm_configs(cfg)
+    seqs, prompts = lm_data(cfg, vocab, "train")
+    valid = lm_data(cfg, vocab, "valid")
+    longest = max(len(s) for s in seqs)
+    if longest > model_cfg.max_positions:
+        raise RuntimeError(f"a training sequence has {longest} tokens > max_positions {model_cfg.max_positions}")
+    torch.manual_seed(0)
+    model = make_model(vocab, model_cfg)
+    model = train_lm(model, seqs, prompts, valid, train_cfg, cfg.work / "lm" / "ckpt", vocab.pad, _logger(cfg, "lm"))
+    save_lm(model, vocab, model_cfg, out)
+
+
+def save_lm(model, vocab: Vocab, model_cfg: LMConfig, out: Path) -> None:
+    """transformers save_pretrained into a temp directory, then one rename (atomic for readers)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    vocab.save(tmp / "vocab.json")
+    write_json(tmp / "lm.json", asdict(model_cfg))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _logger(cfg: BuildConfig, name: str):
+    path = cfg.work / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+
+    return log
+
+
+STAGES = ["corpus", "codec", "judge", "lm"]
+
+
+def run(cfg: BuildConfig, stages) -> None:
+    steps = {"corpus": build_corpus, "codec": build_codec, "judge": build_judge, "lm": build_lm}
+    for name in STAGES:
+        if name in stages:
+            steps[name](cfg)
