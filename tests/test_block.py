@@ -23,7 +23,7 @@ EOS = 7
 
 
 # ----- masks -----
-def brute_training_visibility(prompt_len, length, block, clean_size, noised_size, copies):
+def brute_training_visibility(prompt_len, length, block, clean_size, noised_size, copies, causal_clean):
     """The training rules written out row by row: who may the row for (copy, position) attend to?"""
     s = prompt_len - 1
     rows = [("clean", a, a < length) for a in range(clean_size)]
@@ -40,7 +40,7 @@ def brute_training_visibility(prompt_len, length, block, clean_size, noised_size
                 continue
             if q_kind == "clean" and k_kind == "clean":
                 same_block = a >= s and b >= s and (a - s) // block == (b - s) // block
-                visible[q, k] = b <= a or same_block
+                visible[q, k] = b <= a or (same_block and not causal_clean)
             elif q_kind != "clean" and k_kind == "clean":
                 block_start = s + ((a - s) // block) * block  # noised block sees clean positions before it
                 visible[q, k] = b < block_start
@@ -53,10 +53,12 @@ def brute_training_visibility(prompt_len, length, block, clean_size, noised_size
     "prompt_len,length,block,clean_size,noised_size,copies",
     [(1, 2, 1, 2, 1, 1), (3, 11, 1, 11, 8, 1), (3, 11, 4, 13, 9, 2), (5, 9, 3, 9, 6, 2), (2, 12, 5, 14, 12, 1)],
 )
-def test_training_mask_matches_brute_force(prompt_len, length, block, clean_size, noised_size, copies):
-    got = training_visibility(prompt_len, length, block, clean_size, noised_size, copies)
-    assert torch.equal(got, brute_training_visibility(prompt_len, length, block, clean_size, noised_size, copies))
-    mask = training_mask(prompt_len, length, block, clean_size, noised_size, copies, torch.bfloat16)
+@pytest.mark.parametrize("causal_clean", [False, True])
+def test_training_mask_matches_brute_force(prompt_len, length, block, clean_size, noised_size, copies, causal_clean):
+    args = (prompt_len, length, block, clean_size, noised_size, copies)
+    got = training_visibility(*args, causal_clean=causal_clean)
+    assert torch.equal(got, brute_training_visibility(*args, causal_clean))
+    mask = training_mask(*args, dtype=torch.bfloat16, causal_clean=causal_clean)
     assert mask.dtype == torch.bfloat16 and set(mask.unique().tolist()) <= {0.0, torch.finfo(torch.bfloat16).min}
     assert torch.equal(mask[0] == 0, got)
 
@@ -84,7 +86,8 @@ def test_decoding_mask_matches_brute_force(past, commit, draft, causal):
     assert mask.shape == (1, 1, n, past + n) and torch.equal(mask[0, 0] == 0, expected)
 
 
-def test_decoding_forward_equals_training_forward():
+@pytest.mark.parametrize("causal_clean", [False, True])
+def test_decoding_forward_equals_training_forward(causal_clean):
     """The student at decode time computes exactly what it was trained on: the noised rows of a block in
     the training forward == the draft window after the prefix was committed block by block."""
     model = tiny_llama()
@@ -95,7 +98,7 @@ def test_decoding_forward_equals_training_forward():
     noised = torch.where(masked, MASK, seq[s : s + gen])
     ids = torch.cat([seq, noised])[None]
     positions = torch.cat([torch.arange(len(seq)), s + torch.arange(gen)])[None]
-    mask = training_mask(prompt_len, len(seq), block, len(seq), gen, 1)[None]
+    mask = training_mask(prompt_len, len(seq), block, len(seq), gen, 1, causal_clean=causal_clean)[None]
     with torch.no_grad():
         trained = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, len(seq) :]  # (G, V)
         body, out_layer = split_model(model)
@@ -107,7 +110,7 @@ def test_decoding_forward_equals_training_forward():
             past = s
             for j in range(k):  # committed blocks, each bidirectional over itself
                 window = batch_in[s + j * block : s + (j + 1) * block]
-                m = decoding_mask(past, len(window), 0, False, torch.float32)
+                m = decoding_mask(past, len(window), 0, causal_clean, torch.float32)
                 body(input_ids=window[None], attention_mask=m, position_ids=(past + torch.arange(len(window)))[None],
                      past_key_values=cache, use_cache=True)  # fmt: skip
                 past += len(window)

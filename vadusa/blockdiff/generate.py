@@ -73,10 +73,13 @@ def generate(
     streamer=None,
     top_k: int | None = None,
     mask_token_id: int | None = None,
+    causal_clean: bool | None = None,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
-    `mask_token_id` defaults to `model.config.mask_token_id` (set by `load_student`). `accepted_lengths`
+    `mask_token_id` and `causal_clean` (how a completed block is committed: causally, or bidirectionally
+    within the block, as in training) default to `model.config.mask_token_id` / `block_causal_clean`,
+    set by `load_student`. `accepted_lengths`
     holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
     keys and values are not an auto-regressive cache to continue from.
     """
@@ -88,6 +91,8 @@ def generate(
             f"missing mask token: got mask_token_id={mask_token_id!r}; load the model with "
             f"vadusa.blockdiff.load_student or pass a reserved id in [0, {vocab})"
         )
+    if causal_clean is None:
+        causal_clean = bool(getattr(model.config, "block_causal_clean", False))
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
     d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer)
@@ -136,7 +141,7 @@ def generate(
             if ready > emitted:
                 d.emit(seq[p + emitted : p + ready].tolist())
                 emitted = ready
-        commit, causal_commit = seq[p - 1 : p - 1 + n].clone(), False
+        commit, causal_commit = seq[p - 1 : p - 1 + n].clone(), causal_clean
     out = d.output()
     out.cache = None
     return out

@@ -9,7 +9,7 @@ always a known token (the prompt's last token or the previous block's last targe
 Training sequence (BD3-LM style): [clean x_0..x_{T-1} ; noised copy 1 ; ... ; noised copy C], each noised
 copy holding positions s .. T-2 (some tokens replaced by the mask token):
     clean  -> clean     causal over the prompt; in the generation stream block-causal (a block sees
-                        the blocks before it and itself, bidirectionally)
+                        the blocks before it and itself, bidirectionally), or causal (`causal_clean`)
     noised -> clean     noised block k sees the clean prompt and the clean blocks < k
     noised -> noised    only its own block of its own copy, bidirectionally
     clean  -> noised    never
@@ -49,10 +49,17 @@ def training_layout(prompt_len: int, length: int, clean_size: int, noised_size: 
 
 
 def training_visibility(
-    prompt_len: int, length: int, block_size: int, clean_size: int, noised_size: int, copies: int = 1
+    prompt_len: int,
+    length: int,
+    block_size: int,
+    clean_size: int,
+    noised_size: int,
+    copies: int = 1,
+    causal_clean: bool = False,
 ) -> torch.Tensor:
     """(L, L) boolean visibility of the training input, L = clean_size + copies * noised_size (rules above).
 
+    `causal_clean` keeps the clean copy causal everywhere (the variant whose cache is the teacher's own).
     Padding rows see only themselves (so no softmax row is empty); nothing sees padding.
     """
     if block_size < 1:
@@ -66,7 +73,7 @@ def training_visibility(
     q_copy, k_copy = copy[:, None], copy[None, :]
     q_clean, k_clean = q_copy == 0, k_copy == 0
     same_block = (q_blk == k_blk) & in_stream[:, None] & in_stream[None, :]
-    clean_clean = q_clean & k_clean & ((k_pos <= q_pos) | same_block)
+    clean_clean = q_clean & k_clean & ((k_pos <= q_pos) | (same_block & (not causal_clean)))
     noised_clean = ~q_clean & k_clean & ((k_blk < 0) | (k_blk < q_blk))
     noised_noised = ~q_clean & (q_copy == k_copy) & same_block
     visible = (clean_clean | noised_clean | noised_noised) & valid[None, :]
@@ -81,9 +88,11 @@ def training_mask(
     noised_size: int,
     copies: int = 1,
     dtype: torch.dtype = torch.float32,
+    causal_clean: bool = False,
 ) -> torch.Tensor:
     """(1, L, L) additive mask of one training sample (stack samples on dim 0 for a (N, 1, L, L) batch)."""
-    return additive(training_visibility(prompt_len, length, block_size, clean_size, noised_size, copies), dtype)[None]
+    visible = training_visibility(prompt_len, length, block_size, clean_size, noised_size, copies, causal_clean)
+    return additive(visible, dtype)[None]
 
 
 def decoding_visibility(past: int, commit: int, draft: int, causal_commit: bool) -> torch.Tensor:

@@ -42,15 +42,16 @@ class BlockConfig:
     block_size: int  # block size the adapter was distilled for (the decoder's default)
     vocab_size: int  # the base's vocabulary size
     base_fingerprint: str  # base_fingerprint(base) at training time; checked on load
+    causal_clean: bool = False  # committed blocks attend causally (else bidirectionally within the block)
     training: dict = field(default_factory=dict)  # how the adapter was made (config, steps, tokens seen)
 
     @classmethod
-    def for_model(cls, model, mask_token_id: int | None, block_size: int) -> "BlockConfig":
+    def for_model(cls, model, mask_token_id: int | None, block_size: int, causal_clean: bool = False) -> "BlockConfig":
         vocab = model.get_input_embeddings().weight.shape[0]
         check_mask_token(mask_token_id, vocab)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        return cls(int(mask_token_id), int(block_size), int(vocab), base_fingerprint(model))
+        return cls(int(mask_token_id), int(block_size), int(vocab), base_fingerprint(model), bool(causal_clean))
 
     def save(self, directory: Path) -> None:
         tmp = Path(directory) / (CONFIG_NAME + ".tmp")
@@ -122,10 +123,11 @@ def load_student(model, directory: str | os.PathLike):
     """(merged student, BlockConfig): the adapter in `directory` merged into a copy of `model` (left untouched).
 
     The merged model is a plain transformers model of the base's class (same speed per forward); its
-    config carries `mask_token_id` so that `vadusa.blockdiff.generate` finds the mask token.
+    config carries `mask_token_id` and `block_causal_clean`, which `vadusa.blockdiff.generate` reads.
     """
     config = check_adapter(model, Path(directory))
     base = copy.deepcopy(model)
     merged = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
     merged.config.mask_token_id = config.mask_token_id
+    merged.config.block_causal_clean = config.causal_clean
     return merged.eval().requires_grad_(False), config

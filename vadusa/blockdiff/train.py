@@ -52,6 +52,7 @@ class TrainConfig:
     target_modules: str = "all-linear"  # peft target modules ("all-linear" or comma-separated names)
     beta: float = 0.5  # generalised-JSD teacher weight: 0 forward KL, 1 reverse KL, 0.5 symmetric (loss.py)
     complementary: bool = True  # add the complementary-mask copy of every sample
+    causal_clean: bool = False  # clean copy causal (the teacher's own cache) instead of block-causal
     anneal_fraction: float = 0.3  # fraction of progress spent annealing (0: start at the final setting)
     start_block_size: int = 1  # block size at the start of annealing (1 = the causal teacher itself)
     ratio_start: tuple[float, float] = (0.1, 0.5)  # per-block mask-ratio window U[lo, hi] at the start
@@ -148,7 +149,9 @@ class Batch:
     inputs: int = 0  # non-padding input tokens of the student
 
 
-def make_batch(seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32) -> Batch:
+def make_batch(
+    seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32, causal_clean=False
+) -> Batch:
     """seqs: list of (ids (T,), prompt_len). Right-padded with the mask token (padding is never visible)."""
     copies = 2 if complementary else 1
     clean_size = max(len(ids) for ids, _ in seqs)
@@ -169,7 +172,7 @@ def make_batch(seqs, stage: Stage, complementary: bool, mask_token_id: int, gene
             slots = unknown_targets(m, stage.block_size).nonzero()[:, 0]  # (k,)
             rows.append(i * width + at + slots)
             teacher_rows.append(i * clean_size + start + slots)
-        masks.append(training_mask(p, length, stage.block_size, clean_size, noised_size, copies, dtype))
+        masks.append(training_mask(p, length, stage.block_size, clean_size, noised_size, copies, dtype, causal_clean))
         inputs += length + copies * gen_len
     return Batch(
         ids=ids,
@@ -205,7 +208,7 @@ def batch_loss(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tens
 
 @torch.no_grad()
 def evaluate(student, held_out, cfg: TrainConfig, mask_token_id: int, dtype) -> float:
-    """Loss on the held-out sequences at the final stage, with the same masks every time (a clean curve)."""
+    """Loss on the held-out sequences at the final stage, same (complementary) masks every time: a clean curve."""
     was_training = student.training
     student.eval()
     final = stage_at(1.0, cfg)
@@ -213,7 +216,7 @@ def evaluate(student, held_out, cfg: TrainConfig, mask_token_id: int, dtype) -> 
     total, count = 0.0, 0
     for at in range(0, len(held_out), cfg.batch_size):
         group = held_out[at : at + cfg.batch_size]
-        batch = make_batch(group, final, cfg.complementary, mask_token_id, generator, dtype)
+        batch = make_batch(group, final, True, mask_token_id, generator, dtype, cfg.causal_clean)
         total += batch_loss(student, batch, cfg.beta, cfg.teacher_top_k).item() * len(batch.rows)
         count += len(batch.rows)
     student.train(was_training)
@@ -325,7 +328,7 @@ def train(
     """Distill `model` (wrapped in place with a LoRA) and save the adapter to <out_dir>/adapter; returns that path."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    block_config = BlockConfig.for_model(model, mask_token_id, cfg.block_size)  # fingerprint of the bare base
+    block_config = BlockConfig.for_model(model, mask_token_id, cfg.block_size, cfg.causal_clean)  # of the bare base
     generator = torch.Generator().manual_seed(cfg.seed)
     model.eval().requires_grad_(False)
 
@@ -373,7 +376,9 @@ def train(
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(pool), generator=generator).tolist()
         picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        batch = make_batch([pool[i] for i in picked], stage, cfg.complementary, mask_token_id, generator, dtype)
+        batch = make_batch(
+            [pool[i] for i in picked], stage, cfg.complementary, mask_token_id, generator, dtype, cfg.causal_clean
+        )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state["step"], progress, cfg)
         loss = batch_loss(student, batch, cfg.beta, cfg.teacher_top_k)
