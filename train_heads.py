@@ -109,8 +109,8 @@ def main(argv=None):
         heads = DraftHeads.from_pretrained(args.out, model)
         base = vadusa_factory(model, None, heads=str(args.out), tree="chain").model  # merged LoRA if joint
         report = acc_lib.measure_accuracy(
-            base, heads, heldout[0], max_rank=args.max_rank, max_new_tokens=max(heldout[1]),
-            logits_processor=processor, eos_token_id=eos,
+            base, heads, heldout[0], max_rank=args.max_rank, max_new_tokens=heldout[1],
+            logits_processor=processor, eos_token_id=eos, states_path=args.out / acc_lib.STATES_NAME,
         )  # fmt: skip
         acc_lib.save_accuracy(report, args.out / acc_lib.ACCURACY_NAME)
         print(json.dumps({r: [round(a[0], 3) for a in t] for r, t in report["acc"].items()}))
@@ -118,11 +118,13 @@ def main(argv=None):
     if args.build_trees:
         heads = DraftHeads.from_pretrained(args.out, model)
         report = acc_lib.load_accuracy(args.out / acc_lib.ACCURACY_NAME, heads)
+        states_file = args.out / acc_lib.STATES_NAME
+        states = acc_lib.load_states(states_file, report["heads"]) if states_file.is_file() else None
         summary = acc_lib.build_trees(
             model, heads, report, args.trees_dir, args.name, heads_dir=args.out,
-            max_nodes=args.max_nodes, max_rank=args.max_rank,
+            max_nodes=args.max_nodes, max_rank=args.max_rank, states=states,
         )  # fmt: skip
-        (args.out / "trees.json").write_text(json.dumps(summary, indent=2, default=str))
+        acc_lib.save_accuracy(summary, args.out / "trees.json")
         for rule, s in summary["rules"].items():
             print(f"{rule}: size {s['size']} expected {s['expected_tokens_per_step']:.2f} tokens/step -> {s['file']}")
 
@@ -137,7 +139,7 @@ def main(argv=None):
             m["tree_size"] = len(run.tree.paths)
             results[f"tau{tau}"] = m
             print(f"tau{tau}: " + json.dumps(m))
-        (args.out / "measured.json").write_text(json.dumps(results, indent=2))
+        acc_lib.save_accuracy(results, args.out / "measured.json")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_accuracy_table_is_a_distribution_over_ranks(model_heads_report):
             assert all(a >= 0 for a in row) and sum(row) <= 1 + 1e-9, (rule, row)
     tau = [report["acc"][f"tau{t}"][0][0] for t in (1, 2, 3, 4)]
     assert tau == sorted(tau) and tau[3] > tau[0]  # more draws, more acceptance
-    assert report["acc"]["greedy"][0][0] > 0.3  # fitted heads mostly get the greedy token right
+    assert report["acc_per_position"]["greedy"][0][0] > 0.3  # fitted heads mostly get the greedy token right
 
 
 def test_accuracy_file_for_other_heads_raises(model_heads_report, tmp_path):
@@ -265,3 +265,25 @@ def test_cli_end_to_end(tmp_path):
     assert sorted(p.name for p in (tmp_path / "heads").glob("tree-*.json")) == [
         "tree-greedy.json", "tree-tau1.json", "tree-tau2.json", "tree-tau3.json", "tree-tau4.json",
     ]  # fmt: skip
+
+
+def test_renewal_prediction_matches_the_engine(model_heads_report, tmp_path):
+    """Greedy decoding is deterministic, so the renewal model's tokens/step must equal the engine's exactly."""
+    model, heads, _ = model_heads_report
+    prompts = random_prompts(12, 7)
+    report = accuracy.measure_accuracy(
+        model, heads, prompts, rules=("greedy",), max_rank=3, max_new_tokens=80, states_path=tmp_path / "s.safetensors",
+        progress=False,
+    )  # fmt: skip
+    states = accuracy.load_states(tmp_path / "s.safetensors", report["heads"])
+    with pytest.raises(ValueError, match="holds states of heads"):
+        accuracy.load_states(tmp_path / "s.safetensors", "0" * 16)
+    for paths in ([[0]], [[0], [0, 0], [0, 0, 0]], report["reference"]["greedy"]["paths"]):
+        predicted = accuracy.renewal_tokens_per_step(states["greedy"], report["acc"]["greedy"], paths)
+        tree = vadusa.Tree.from_paths(paths)
+        outs = [
+            vadusa.generate(model, heads, torch.tensor([p]), tree=tree, max_new_tokens=80, temperature=0)
+            for p in prompts
+        ]
+        measured = sum(sum(o.accepted_lengths) for o in outs) / sum(len(o.accepted_lengths) for o in outs)
+        assert predicted == pytest.approx(measured, rel=1e-9), paths  # greedy: the model is exact

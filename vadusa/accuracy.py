@@ -20,13 +20,17 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .generate import as_processor
 from .heads import DraftHeads
 from .train import TrainConfig, batch_hidden, sample_batch
+from .tree import expected_accept_length, greedy_tree_order
 
 ACCURACY_NAME = "accuracy.json"
+STATES_NAME = "accuracy-states.safetensors"  # per-state values (not shipped: large)
+RENEWAL_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 
 
 def heads_fingerprint(heads: DraftHeads) -> str:
@@ -80,24 +84,63 @@ def path_accepted(gen: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def accumulate(table, counts, gen, log_probs, cands, rule: str) -> None:
-    """Add one sequence's per-node acceptance probabilities to table[h][r] (sums) and counts[h]."""
-    g, h, _ = cands.shape
-    ok = path_accepted(gen, cands)
+def node_values(gen, log_probs, cands, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per state i, head k, rank r: P(rank r is the accepted child), teacher-forced on this sequence.
+
+    Returns vals (G, H, R) float64 and valid (G, H) bool (head k's target exists and the path before
+    it is among the earlier heads' candidates).
+    """
+    g, h, r = cands.shape
+    valid = path_accepted(gen, cands) & (torch.arange(g)[:, None] + 1 + torch.arange(h)[None] < g)
+    vals = torch.zeros(g, h, r, dtype=torch.float64)
     probs = log_probs.exp()  # (G, V)
     for k in range(h):
-        i = torch.arange(g - 1 - k)  # states whose head-k target (i+1+k) exists
-        i = i[ok[i, k]]
+        i = valid[:, k].nonzero().flatten()
         if len(i) == 0:
             continue
-        p = probs[i + 1 + k]  # (n, V)
-        c = cands[i, k]  # (n, R)
+        p, c = probs[i + 1 + k], cands[i, k]  # (n, V), (n, R)
         if rule == "greedy":
-            acc = (c == p.argmax(-1, keepdim=True)).double()
+            vals[i, k] = (c == p.argmax(-1, keepdim=True)).double()
         else:
-            acc = tolerance_accept(p.gather(-1, c).double(), int(rule[3:]))
-        table[k] += acc.sum(0)
-        counts[k] += len(i)
+            vals[i, k] = tolerance_accept(p.gather(-1, c).double(), int(rule[3:]))
+    return vals, valid
+
+
+def step_starts(vals, valid, table: torch.Tensor, paths) -> torch.Tensor:
+    """(G,) probability that a decoding step starts at state i, decoding this sequence with tree `paths`.
+
+    A step at state i accepts d nodes with the probability the tree gives from the per-state values
+    (the table's where the path before a node left the sampled sequence), then the next step starts at
+    i + 1 + d. Easy stretches are crossed in few steps, so they weigh less per step than per position.
+    """
+    g, h, _ = vals.shape
+    filled = torch.where(valid[..., None], vals, table[None, : vals.shape[1], : vals.shape[2]])  # (G, H, R)
+    filled = filled * (torch.arange(g)[:, None] + 1 + torch.arange(h)[None] < g)[..., None]  # no target: 0
+    depth = max(len(p) for p in paths)
+    at_least = torch.zeros(g, depth + 2, dtype=torch.float64)
+    at_least[:, 0] = 1.0
+    for p in paths:  # nodes at one depth are exclusive events: their probabilities add up
+        reach = torch.ones(g, dtype=torch.float64)
+        for j, rank in enumerate(p):
+            reach = reach * filled[:, j, rank]
+        at_least[:, len(p)] += reach
+    exactly = (at_least[:, :-1] - at_least[:, 1:]).clamp(min=0)  # (G, depth + 1)
+    start = torch.zeros(g + depth + 2, dtype=torch.float64)
+    start[0] = 1.0
+    for i in range(g - 1):  # a step at the last state never happens: its root was the last token
+        start[i + 1 : i + 2 + depth] += start[i] * exactly[i]
+    return start[:g] * (torch.arange(g) < g - 1)
+
+
+def weighted_table(items, weights=None) -> tuple[torch.Tensor, list[float]]:
+    """acc (H, R) = sum_i w_i vals_i / sum_i w_i over the valid states of every sequence; and that weight per head."""
+    num, den = 0.0, 0.0
+    for n, (vals, valid) in enumerate(items):
+        w = weights[n] if weights is not None else torch.ones(len(vals), dtype=torch.float64)  # (G,)
+        m = valid.double() * w[:, None]  # (G, H)
+        num = num + (vals * m[..., None]).sum(0)  # (H, R)
+        den = den + m.sum(0)  # (H,)
+    return num / den.clamp(min=1e-12)[:, None], den.tolist()
 
 
 @torch.no_grad()
@@ -107,24 +150,35 @@ def measure_accuracy(
     prompts: list[list[int]],
     rules=("greedy", "tau1", "tau2", "tau3", "tau4"),
     max_rank: int = 9,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | list[int] = 256,
     temperature: float = 1.0,
     top_k: int = 0,
     logits_processor=None,
     eos_token_id=None,
     seed: int = 1234,
     batch: int = 16,
+    reference_nodes: int = 16,
+    states_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    """acc[rule][h][r] for ranks 0..max_rank on the base's own continuations of held-out `prompts`."""
+    """acc[rule][h][r] for ranks 0..max_rank on the base's own continuations of held-out `prompts`.
+
+    Each state is weighted by the probability that a decoding step starts there (`step_starts`, with a
+    reference tree of `reference_nodes` nodes built from the per-position table), because that is how
+    decoding samples states. `max_new_tokens` caps every continuation, or each one (one cap per prompt).
+    `states_path`: also save the per-state values (safetensors) so `build_trees` can predict each tree's
+    tokens per step with the renewal model instead of the table alone.
+    """
     if not prompts:
         raise ValueError("no held-out prompts to measure head accuracy on")
+    caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(caps) != len(prompts):
+        raise ValueError(f"got {len(caps)} max_new_tokens caps for {len(prompts)} prompts")
     heads.check_compatible(model)
     processor = as_processor(logits_processor)
     h, k = heads.config.num_heads, max_rank + 1
-    config = TrainConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-    tables = {r: [torch.zeros(k, dtype=torch.float64) for _ in range(h)] for r in rules}
-    counts = {r: [0] * h for r in rules}
+    config = TrainConfig(max_new_tokens=max(caps), temperature=temperature, top_k=top_k)
+    items: dict = {r: [] for r in rules}  # rule -> [(vals (G, H, R), valid (G, H))] per sequence
     kinds = [True] if "greedy" in rules else []  # greedy continuations for the greedy rule
     kinds += [False] if any(r != "greedy" for r in rules) else []  # sampled ones for tolerance
     bar = tqdm(total=len(prompts) * len(kinds), desc="head accuracy", disable=not progress)
@@ -132,31 +186,90 @@ def measure_accuracy(
         for b in range(0, len(prompts), batch):
             chunk = prompts[b : b + batch]
             rows = sample_batch(model, chunk, config, processor, eos_token_id, seed=seed + b, greedy=greedy)
+            rows = [(g[:cap], lp[:cap]) for (g, lp), cap in zip(rows, caps[b : b + batch], strict=True)]
             hiddens = batch_hidden(model, chunk, [g for g, _ in rows])
             for prompt, (gen, lp), hidden in zip(chunk, rows, hiddens, strict=True):
                 history = torch.cat([torch.as_tensor(prompt, dtype=torch.long), gen])
                 cands = head_candidates(heads, hidden, history, processor, k)  # (G, H, K)
                 for rule in rules:
                     if (rule == "greedy") == greedy:
-                        accumulate(tables[rule], counts[rule], gen, lp, cands, rule)
+                        items[rule].append(node_values(gen, lp, cands, rule))
             bar.update(len(chunk))
     bar.close()
-    acc = {r: [(t / max(1, n)).tolist() for t, n in zip(tables[r], counts[r], strict=True)] for r in rules}
-    return {
+    report = {
         "heads": heads_fingerprint(heads),
         "num_heads": h,
         "max_rank": max_rank,
         "temperature": temperature,
         "prompts": len(prompts),
-        "positions": counts,
-        "acc": acc,
+        "reference_nodes": reference_nodes,
+        "acc": {},  # step-weighted: what the builder uses
+        "acc_per_position": {},  # every state weighted alike
+        "positions": {},  # valid states per head
+        "reference": {},  # the reference tree and its tokens/step (renewal model vs table formula)
     }
+    for rule in rules:
+        flat, counts = weighted_table(items[rule])
+        paths = greedy_tree_order(flat.tolist(), reference_nodes)
+        weights = [step_starts(v, m, flat, paths) for v, m in items[rule]]
+        acc, _ = weighted_table(items[rule], weights)
+        report["acc"][rule] = acc.tolist()
+        report["acc_per_position"][rule] = flat.tolist()
+        report["positions"][rule] = [int(c) for c in counts]
+        tokens = sum(len(v) - 1 for v, _ in items[rule])
+        report["reference"][rule] = {
+            "paths": [list(p) for p in paths],
+            "tokens_per_step_renewal": tokens / float(sum(w.sum() for w in weights)),
+            "tokens_per_step_table": 1 + expected_accept_length(paths, report["acc"][rule]),
+            "tokens_per_step_per_position": 1 + expected_accept_length(paths, report["acc_per_position"][rule]),
+        }
+    if states_path is not None:
+        save_states(items, report["heads"], states_path)
+    return report
+
+
+def save_states(items: dict, fingerprint: str, path: str | os.PathLike) -> None:
+    """Per-state values of every rule, flat over sequences, in one safetensors file (atomic)."""
+    tensors = {}
+    for rule, seqs in items.items():
+        tensors[f"{rule}.vals"] = torch.cat([v for v, _ in seqs]).float().contiguous()  # (M, H, R)
+        tensors[f"{rule}.valid"] = torch.cat([m for _, m in seqs]).to(torch.uint8).contiguous()  # (M, H)
+        tensors[f"{rule}.lengths"] = torch.tensor([len(v) for v, _ in seqs])
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"heads": fingerprint})
+    os.replace(tmp, path)
+
+
+def load_states(path: str | os.PathLike, fingerprint: str) -> dict:
+    """rule -> [(vals (G, H, R) float64, valid (G, H) bool)] per sequence; raises for other heads' states."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if f.metadata().get("heads") != fingerprint:
+            raise ValueError(f"{path} holds states of heads {f.metadata().get('heads')}, not of {fingerprint}")
+    tensors = load_file(path)
+    items = {}
+    for rule in {k.split(".")[0] for k in tensors}:
+        sizes = tensors[f"{rule}.lengths"].tolist()
+        vals = torch.split(tensors[f"{rule}.vals"].double(), sizes)
+        valid = torch.split(tensors[f"{rule}.valid"].bool(), sizes)
+        items[rule] = list(zip(vals, valid, strict=True))
+    return items
+
+
+def renewal_tokens_per_step(seqs, table, paths) -> float:
+    """Predicted tokens per step of tree `paths`: tokens / expected steps, stepping through every sequence."""
+    table = torch.as_tensor(table, dtype=torch.float64)
+    steps = sum(float(step_starts(v, m, table, paths).sum()) for v, m in seqs)
+    return sum(len(v) - 1 for v, _ in seqs) / max(steps, 1e-12)
 
 
 def save_accuracy(report: dict, path: str | os.PathLike) -> None:
+    """Write a JSON report atomically (also used for the builder's and the measurement's summaries)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
+    tmp.write_text(json.dumps(report, indent=2, default=str))
     os.replace(tmp, path)
 
 
@@ -203,12 +316,15 @@ def build_trees(
     costs: dict | None = None,
     cost_repeats: int = 20,
     prefix_len: int = 128,
+    states: dict | None = None,
 ) -> dict:
     """Best tree of every size per rule, the size maximising expected tokens/s on this machine, written out.
 
     Writes trees/<model>-<rule>-<size>.json and .png for the chosen size of each rule, and
     <heads_dir>/tree-<rule>.json (what tree="auto" loads). `costs` defaults to a fresh
-    `vadusa.cost.step_costs` measurement. Returns {"costs", "overhead", "rules": {rule: {...}}}.
+    `vadusa.cost.step_costs` measurement. With `states` (`load_states`), each rule's size is chosen by
+    the renewal model's tokens per step on a grid of sizes (RENEWAL_SIZES) rather than by the table sum.
+    Returns {"costs", "overhead", "rules": {rule: {...}}}.
     """
     from .cost import step_costs
     from .tree import Tree, best_trees, choose_tree_size, draw_tree
@@ -228,25 +344,36 @@ def build_trees(
         acc = report["acc"][rule]
         trees = best_trees(acc, max_nodes, rank_limit)
         size, rows = choose_tree_size(trees, costs["seconds"], overhead)
+        predicted = 1 + trees[size][1]
+        if states is not None and rule in states:  # renewal model on a grid of sizes: choose by it
+            for row in rows:
+                if row["size"] in RENEWAL_SIZES or row["size"] == size:
+                    tps = renewal_tokens_per_step(states[rule], acc, trees[row["size"]][0])
+                    row["renewal_tokens_per_step"] = tps
+                    row["renewal_tokens_per_second"] = tps / row["seconds"]
+            best = max(
+                (r for r in rows if "renewal_tokens_per_step" in r), key=lambda r: r["renewal_tokens_per_second"]
+            )
+            size, predicted = best["size"], best["renewal_tokens_per_step"]
         paths, expected = trees[size]
         meta = {
             "builder": "greedy",
             "rule": rule,
             "size": size,
-            "expected_accepted": expected,
-            "expected_tokens_per_step": 1 + expected,
+            "expected_tokens_per_step": predicted,  # renewal model when states were given, else 1 + table sum
+            "table_tokens_per_step": 1 + expected,
             "heads": report["heads"],
             "threads": costs.get("threads"),
         }
         tree = Tree.from_paths(paths, meta)
         stem = f"{model_name}-{rule}-{size}"
         tree.to_json(trees_dir / f"{stem}.json")
-        draw_tree(tree, trees_dir / f"{stem}.png", acc, f"{stem}: expected {1 + expected:.2f} tokens/step")
+        draw_tree(tree, trees_dir / f"{stem}.png", acc, f"{stem}: predicted {predicted:.2f} tokens/step")
         if heads_dir is not None:
             tree.to_json(Path(heads_dir) / f"tree-{rule}.json")
         summary["rules"][rule] = {
             "size": size,
-            "expected_tokens_per_step": 1 + expected,
+            "expected_tokens_per_step": predicted,
             "file": f"{stem}.json",
             "sweep": rows,
         }

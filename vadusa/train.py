@@ -23,6 +23,7 @@ Checkpoints are one safetensors file (heads, LoRA, optimizer state, step) replac
 interrupted run resumes bit-exactly: data order and learning rate are pure functions of (seed, step).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -192,6 +193,19 @@ def build_cache(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [p for p in prompts for _ in range(config.samples_per_prompt)]
+    jobs.sort(key=len)  # similar lengths share a batch: less padding, and batches end at similar times
+    sampling = ("temperature", "top_k", "max_new_tokens", "samples_per_prompt", "teacher_top_k", "shard_size", "seed")
+    record = {
+        "prompts_sha256": hashlib.sha256(json.dumps(jobs).encode()).hexdigest(),
+        "sampling": {k: getattr(config, k) for k in sampling},
+    }
+    meta_path = cache_dir / "cache.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in record} != record:
+            raise ValueError(f"cache {cache_dir} holds other prompts or sampling settings: use a new directory")
+    else:
+        _write_text(meta_path, json.dumps(record, indent=2))
     shards = []
     bar = tqdm(total=len(jobs), desc="sample base", disable=not progress)
     for s, start in enumerate(range(0, len(jobs), config.shard_size)):
@@ -212,8 +226,7 @@ def build_cache(
             bar.update(len(batch))
         save_shard(path, seqs)
     bar.close()
-    meta = {"prompts": len(prompts), "config": asdict(config), "shards": [p.name for p in shards]}
-    _write_text(cache_dir / "cache.json", json.dumps(meta, indent=2))
+    _write_text(meta_path, json.dumps(record | {"prompts": len(prompts), "shards": [p.name for p in shards]}, indent=2))
     return shards
 
 
