@@ -1,7 +1,7 @@
 """Train VADUSA draft heads data-free, measure their accuracy, build this machine's trees.
 
     # 1. sample the base on text prompts, cache its states, train heads (frozen base; or --mode joint)
-    python train_heads.py --demo --prompts train.txt --cache runs/cache --out runs/heads --steps 2000
+    python train_heads.py --demo --prompts train.txt --cache runs/cache --train --out runs/heads --steps 2000
     # 2. accuracy table acc[h][r] on held-out prompts (greedy, tau=1..4) -> <out>/accuracy.json
     python train_heads.py --demo --out runs/heads --accuracy --heldout test.txt
     # 3. best tree per size and rule, size chosen from measured step costs -> trees/, <out>/tree-<rule>.json
@@ -63,8 +63,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", nargs="?", const="", default=None, help="use the demo TTS (optional weights dir)")
     p.add_argument("--model", default=None, help="a transformers causal LM directory (instead of --demo)")
-    p.add_argument("--prompts", type=Path, help="training prompts, one text per line: sample + cache + train")
+    p.add_argument("--prompts", type=Path, help="training prompts, one text per line: sample the base into --cache")
     p.add_argument("--cache", type=Path, help="cache directory for the base's states (outside the repo)")
+    p.add_argument("--train", action="store_true", help="train heads on --cache into --out")
     p.add_argument("--out", type=Path, required=True, help="heads directory")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N training prompts")
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint.safetensors")
@@ -91,17 +92,14 @@ def main(argv=None):
         texts = train_lib.read_prompts(args.heldout)[: args.max_heldout]
         heldout = ([encode(t) for t in texts], [cap(t) for t in texts])
 
+    if (args.prompts is not None or args.train) and args.cache is None:
+        raise SystemExit("--prompts and --train need --cache DIR (the base's cached states)")
     if args.prompts is not None:
-        if args.cache is None:
-            raise SystemExit("--prompts needs --cache DIR for the base's cached states")
-        prompts = train_lib.read_prompts(args.prompts, encode)[: args.max_prompts]
+        prompts = [encode(t) for t in train_lib.read_prompts(args.prompts)[: args.max_prompts]]
         train_lib.build_cache(model, prompts, config, args.cache, logits_processor=processor, eos_token_id=eos)
-        train_lib.train(model, config, args.cache, args.out, resume=args.resume)
-        print(
-            json.dumps(
-                train_lib.evaluate(DraftHeads.from_pretrained(args.out), train_lib.load_cache(args.cache), config.loss)
-            )
-        )
+    if args.train or args.resume:
+        heads = train_lib.train(model, config, args.cache, args.out, resume=args.resume)
+        print(json.dumps(train_lib.evaluate(heads, train_lib.load_cache(args.cache), config.loss)))
 
     if args.accuracy:
         if heldout is None:

@@ -249,6 +249,7 @@ def test_cli_end_to_end(tmp_path):
             str(tmp_path / "train.txt"),
             "--cache",
             str(tmp_path / "cache"),
+            "--train",
             "--steps",
             "20",
             "--batch-tokens",
