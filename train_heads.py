@@ -77,6 +77,8 @@ def main(argv=None):
     p.add_argument("--name", default="demo", help="model name in tree file names")
     p.add_argument("--trees-dir", type=Path, default=ROOT / "trees", help="where tree JSON/PNG files go")
     p.add_argument("--max-nodes", type=int, default=64, help="largest tree (non-root nodes) considered")
+    p.add_argument("--sweep-sizes", default="", help="also write best trees of these sizes (comma list)")
+    p.add_argument("--sweep-dir", type=Path, default=None, help="where --sweep-sizes trees go (outside the repo)")
     p.add_argument("--measure", action="store_true", help="measured accepted tokens/step on --heldout (tree=auto)")
     p.add_argument("--tolerances", default="1,2,3,4", help="tau values for --measure")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -121,6 +123,7 @@ def main(argv=None):
         summary = acc_lib.build_trees(
             model, heads, report, args.trees_dir, args.name, heads_dir=args.out,
             max_nodes=args.max_nodes, max_rank=args.max_rank, states=states,
+            sweep_sizes=[int(n) for n in args.sweep_sizes.split(",") if n], sweep_dir=args.sweep_dir,
         )  # fmt: skip
         acc_lib.save_accuracy(summary, args.out / "trees.json")
         for rule, s in summary["rules"].items():

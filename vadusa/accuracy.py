@@ -317,6 +317,8 @@ def build_trees(
     cost_repeats: int = 20,
     prefix_len: int = 128,
     states: dict | None = None,
+    sweep_sizes=(),
+    sweep_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Best tree of every size per rule, the size maximising expected tokens/s on this machine, written out.
 
@@ -324,11 +326,14 @@ def build_trees(
     <heads_dir>/tree-<rule>.json (what tree="auto" loads). `costs` defaults to a fresh
     `vadusa.cost.step_costs` measurement. With `states` (`load_states`), each rule's size is chosen by
     the renewal model's tokens per step on a grid of sizes (RENEWAL_SIZES) rather than by the table sum.
+    `sweep_sizes`: also write the best tree of each of these sizes to `sweep_dir` (for measured sweeps).
     Returns {"costs", "overhead", "rules": {rule: {...}}}.
     """
     from .cost import step_costs
     from .tree import Tree, best_trees, choose_tree_size, draw_tree
 
+    if sweep_sizes and sweep_dir is None:
+        raise ValueError("sweep_sizes needs a sweep_dir to write the trees to")
     if report["heads"] != heads_fingerprint(heads):
         raise ValueError(f"accuracy report is for heads {report['heads']}, these heads are {heads_fingerprint(heads)}")
     rules = list(rules or report["acc"])
@@ -371,6 +376,11 @@ def build_trees(
         draw_tree(tree, trees_dir / f"{stem}.png", acc, f"{stem}: predicted {predicted:.2f} tokens/step")
         if heads_dir is not None:
             tree.to_json(Path(heads_dir) / f"tree-{rule}.json")
+        for n in sweep_sizes:
+            if n in trees:
+                sweep_meta = {"builder": "greedy", "rule": rule, "size": n, "table_tokens_per_step": 1 + trees[n][1]}
+                Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+                Tree.from_paths(trees[n][0], sweep_meta).to_json(Path(sweep_dir) / f"{model_name}-{rule}-{n}.json")
         summary["rules"][rule] = {
             "size": size,
             "expected_tokens_per_step": predicted,
