@@ -97,8 +97,9 @@ def main(argv=None):
     if (args.prompts is not None or args.train) and args.cache is None:
         raise SystemExit("--prompts and --train need --cache DIR (the base's cached states)")
     if args.prompts is not None:
-        prompts = [encode(t) for t in train_lib.read_prompts(args.prompts)[: args.max_prompts]]
-        train_lib.build_cache(model, prompts, config, args.cache, logits_processor=processor, eos_token_id=eos)
+        texts = train_lib.read_prompts(args.prompts)[: args.max_prompts]
+        prompts, caps = [encode(t) for t in texts], [cap(t) for t in texts]
+        train_lib.build_cache(model, prompts, config, args.cache, processor, eos, caps=caps)
     if args.train or args.resume:
         heads = train_lib.train(model, config, args.cache, args.out, resume=args.resume)
         print(json.dumps(train_lib.evaluate(heads, train_lib.load_cache(args.cache), config.loss)))

@@ -185,8 +185,7 @@ def measure_accuracy(
     for greedy in kinds:
         for b in range(0, len(prompts), batch):
             chunk = prompts[b : b + batch]
-            rows = sample_batch(model, chunk, config, processor, eos_token_id, seed=seed + b, greedy=greedy)
-            rows = [(g[:cap], lp[:cap]) for (g, lp), cap in zip(rows, caps[b : b + batch], strict=True)]
+            rows = sample_batch(model, chunk, config, processor, eos_token_id, seed + b, greedy, caps[b : b + batch])
             hiddens = batch_hidden(model, chunk, [g for g, _ in rows])
             for prompt, (gen, lp), hidden in zip(chunk, rows, hiddens, strict=True):
                 history = torch.cat([torch.as_tensor(prompt, dtype=torch.long), gen])

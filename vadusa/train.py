@@ -115,13 +115,22 @@ def eos_cut(gen: torch.Tensor, eos: set[int]) -> int:
 
 @torch.no_grad()
 def sample_batch(
-    model, prompts, config: TrainConfig, logits_processor=None, eos_token_id=None, seed: int = 0, greedy=False
+    model,
+    prompts,
+    config: TrainConfig,
+    logits_processor=None,
+    eos_token_id=None,
+    seed: int = 0,
+    greedy=False,
+    caps: list[int] | None = None,
 ):
     """Sample one continuation per prompt in one batched generate() call.
 
     Returns per prompt (gen (G,), log_probs (G, V)): the tokens and the base's processed log-distribution
     (processors, temperature, top-k: exactly what was sampled from) at each generated position.
+    `caps`: a cap on new tokens per prompt (default: config.max_new_tokens for all).
     """
+    caps = caps or [config.max_new_tokens] * len(prompts)
     ids, mask = left_pad(prompts)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     torch.manual_seed(seed)  # generate() samples from the global RNG
@@ -131,7 +140,7 @@ def sample_batch(
     out = model.generate(
         input_ids=ids.to(model.device),
         attention_mask=mask.to(model.device),
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max(caps),
         logits_processor=as_processor(logits_processor),
         eos_token_id=eos_token_id,
         pad_token_id=next(iter(eos)) if eos else 0,
@@ -143,7 +152,7 @@ def sample_batch(
     scores = torch.stack(out.scores, dim=1).float().cpu()  # (B, G, V) processed scores
     rows = []
     for b in range(len(prompts)):
-        g = eos_cut(gens[b], eos)
+        g = min(eos_cut(gens[b], eos), caps[b])
         rows.append((gens[b, :g].clone(), torch.log_softmax(scores[b, :g], dim=-1)))
     return rows
 
@@ -185,15 +194,22 @@ def build_cache(
     cache_dir: str | os.PathLike,
     logits_processor=None,
     eos_token_id=None,
+    caps: list[int] | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Sample the base on `prompts` and write shards cache-00000.safetensors ... (skips shards already written)."""
+    """Sample the base on `prompts` and write shards cache-00000.safetensors ... (skips shards already written).
+
+    `caps`: a cap on new tokens per prompt (e.g. what the TTS allows for it); default config.max_new_tokens.
+    """
     if not prompts:
         raise ValueError("no prompts to sample from")
+    caps = [min(c, config.max_new_tokens) for c in caps] if caps else [config.max_new_tokens] * len(prompts)
+    if len(caps) != len(prompts):
+        raise ValueError(f"got {len(caps)} caps for {len(prompts)} prompts")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [p for p in prompts for _ in range(config.samples_per_prompt)]
-    jobs.sort(key=len)  # similar lengths share a batch: less padding, and batches end at similar times
+    jobs = [(p, c) for p, c in zip(prompts, caps, strict=True) for _ in range(config.samples_per_prompt)]
+    jobs.sort(key=lambda j: len(j[0]))  # similar lengths share a batch: less padding, batches end together
     sampling = ("temperature", "top_k", "max_new_tokens", "samples_per_prompt", "teacher_top_k", "shard_size", "seed")
     record = {
         "prompts_sha256": hashlib.sha256(json.dumps(jobs).encode()).hexdigest(),
@@ -217,9 +233,10 @@ def build_cache(
             continue
         seqs = []
         for b in range(0, len(chunk), config.sample_batch):
-            batch = chunk[b : b + config.sample_batch]
+            batch = [p for p, _ in chunk[b : b + config.sample_batch]]
+            batch_caps = [c for _, c in chunk[b : b + config.sample_batch]]
             seed = config.seed * 1_000_003 + start + b
-            rows = sample_batch(model, batch, config, logits_processor, eos_token_id, seed=seed)
+            rows = sample_batch(model, batch, config, logits_processor, eos_token_id, seed=seed, caps=batch_caps)
             hiddens = batch_hidden(model, batch, [g for g, _ in rows])
             for p, (g, lp), h in zip(batch, rows, hiddens, strict=True):
                 seqs.append((p, g, h, *teacher_topk(lp, config.teacher_top_k)))
