@@ -222,6 +222,8 @@ def test_bad_inputs_raise(model_heads_report, tmp_path):
         train.TrainConfig(mode="both")
     with pytest.raises(ValueError, match="loss"):
         train.TrainConfig(loss="mse")
+    with pytest.raises(ValueError, match="init_heads"):
+        train.train(model, train.TrainConfig(num_heads=3, init_heads=str(tmp_path / "heads")), tmp_path, tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="no cache shards"):
         train.train(model, train.TrainConfig(), tmp_path / "nocache", tmp_path / "out", progress=False)
 

@@ -69,6 +69,7 @@ class TrainConfig:
     lora_rank: int = 8  # LoRA rank (joint mode)
     lora_alpha: int = 16  # LoRA alpha (joint mode)
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # modules LoRA wraps
+    init_heads: str = ""  # heads directory to start from (e.g. frozen-trained heads before joint mode); "" = fresh
     checkpoint_every: int = 100  # write a checkpoint every N steps (and at the end)
     seed: int = 0  # seeds sampling, LoRA init and data order
 
@@ -453,6 +454,15 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    heads = DraftHeads.from_model(model, config.num_heads, config.num_layers).float().train()
+    if config.init_heads:
+        start = DraftHeads.from_pretrained(config.init_heads, model)
+        if (start.config.num_heads, start.config.num_layers) != (config.num_heads, config.num_layers):
+            raise ValueError(
+                f"init_heads {config.init_heads} has {start.config.num_heads} heads x {start.config.num_layers} layers,"
+                f" the config asks for {config.num_heads} x {config.num_layers}"
+            )
+        heads.load_state_dict(start.state_dict())
     cache = load_cache(cache_dir)
     hidden_size = split_model(model)[1].weight.shape[1]
     if cache.hidden.shape[1] != hidden_size:
@@ -460,7 +470,6 @@ def train(
     targets = cache.targets(config.num_heads)  # (M, H)
     usable = (targets[:, 0] >= 0).nonzero().flatten()  # states with at least head 0's target
 
-    heads = DraftHeads.from_model(model, config.num_heads, config.num_layers).float().train()
     peft_model = None
     if config.mode == "joint":
         for p in model.parameters():
