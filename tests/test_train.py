@@ -97,6 +97,17 @@ def test_resume_gives_the_same_heads_as_an_uninterrupted_run(caches, tmp_path, m
     assert not torch.equal(cut.block_weight, whole.block_weight)
 
 
+def test_cache_refuses_other_prompts(caches, tmp_path):
+    model = caches[0]
+    config = train.TrainConfig(**{**CONFIG, "max_new_tokens": 8})
+    train.build_cache(model, random_prompts(4, 3), config, tmp_path, progress=False)
+    train.build_cache(model, random_prompts(4, 3), config, tmp_path, progress=False)  # same: reused
+    with pytest.raises(ValueError, match="other prompts or sampling settings"):
+        train.build_cache(model, random_prompts(4, 4), config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no prompts"):
+        train.build_cache(model, [], config, tmp_path / "x", progress=False)
+
+
 def test_resume_with_another_config_raises(caches, tmp_path):
     model, train_dir, _ = caches
     config = train.TrainConfig(**{**CONFIG, "steps": 6, "checkpoint_every": 3})
