@@ -161,7 +161,7 @@ def test_judge_shapes_and_save_load(tmp_path):
     j.save_pretrained(tmp_path)
     j2 = judge.Judge.from_pretrained(tmp_path)
     with torch.no_grad():
-        assert torch.equal(j2(mel, torch.tensor([30, 21])), out)
+        assert torch.allclose(j2(mel, torch.tensor([30, 21])), out, atol=1e-2)  # stored in float16
 
 
 def test_ctc_training_step_lowers_loss():

@@ -116,14 +116,16 @@ class Judge(nn.Module):
     def cer(self, wav, sample_rate: int, text: str) -> float:
         return cer(text, self.transcribe(wav, sample_rate))
 
-    def save_pretrained(self, directory: Path) -> None:
+    def save_pretrained(self, directory: Path, dtype: torch.dtype = torch.float16) -> None:
+        """config.json + model.safetensors; weights stored in `dtype` (half by default: it is only a judge)."""
         directory = Path(directory)
-        write_tensors(directory / "model.safetensors", {k: v.detach() for k, v in self.state_dict().items()})
+        tensors = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        write_tensors(directory / "model.safetensors", tensors)
         write_json(directory / "config.json", asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, directory: Path) -> "Judge":
         directory = Path(directory)
         judge = cls(JudgeConfig(**json.loads((directory / "config.json").read_text())))
-        judge.load_state_dict(read_tensors(directory / "model.safetensors"))
+        judge.load_state_dict(read_tensors(directory / "model.safetensors"))  # copies into float32 parameters
         return judge.eval()
