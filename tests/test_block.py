@@ -397,6 +397,7 @@ def test_adapter_for_another_base(assets):
 def test_bad_train_config():
     with pytest.raises(ValueError, match="block_size"):
         TrainConfig(block_size=0)
+    assert TrainConfig(block_size=1).start_block_size == 1  # the annealing start never exceeds the block size
     with pytest.raises(ValueError, match="beta"):
         TrainConfig(beta=-0.5)
     with pytest.raises(ValueError, match="mask-ratio"):
