@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessorList
 
-from ..decoders import build_decoder, decoder_options
+from ..decoders import DECODERS, build_decoder, decoder_options
 from ..generate import GenerationOutput
 from .codec import UnitCodec
 from .corpus import DEFAULT_RATE, DEFAULT_VOICE, VOICES
@@ -102,8 +102,10 @@ class TTSPipeline:
 
     def max_new_tokens(self, text: str, voice: str | None = None, rate: str | None = None) -> int:
         """A generous cap on units: 3 units per prompt token + 2 s, within the model's positions."""
-        n = self.prompt(text, voice, rate).shape[1]
-        return min(self.max_positions - n, 3 * n + 50)
+        return self._cap(self.prompt(text, voice, rate).shape[1])
+
+    def _cap(self, prompt_len: int) -> int:
+        return min(self.max_positions - prompt_len, 3 * prompt_len + 50)  # speech is ~1.5 units per phoneme
 
     # ----- units -> audio, judge -----
     def units(self, out: GenerationOutput) -> torch.Tensor:
@@ -145,10 +147,10 @@ class TTSPipeline:
         decoder; the others go to its run (for example top_k, acceptance, max_new_tokens, streamer).
         """
         ids = self.prompt(text, voice, rate)
-        build_names = set(decoder_options(decoder)) if decoder in _known_decoders() else set()
+        build_names = set(decoder_options(decoder)) if decoder in DECODERS else set()
         options = {k: v for k, v in decode_kwargs.items() if k in build_names}
         call = {k: v for k, v in decode_kwargs.items() if k not in build_names}
-        call.setdefault("max_new_tokens", min(self.max_positions - ids.shape[1], 3 * ids.shape[1] + 50))
+        call.setdefault("max_new_tokens", self._cap(ids.shape[1]))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         run = self.decoder(decoder, **options)
         out = run(
@@ -161,9 +163,3 @@ class TTSPipeline:
         )
         wav, sr = self.vocode(self.units(out))
         return wav, sr, out
-
-
-def _known_decoders() -> set[str]:
-    from ..decoders import DECODERS
-
-    return set(DECODERS)
