@@ -1,6 +1,6 @@
 """Rebuild the shipped demo TTS from scratch: corpus -> codec -> judge -> lm.
 
-    python scripts/build_demo.py                       # full build into vadusa/assets/demo (about an hour)
+    python scripts/build_demo.py                       # full build into vadusa/assets/demo (~1.5 h on 2 cores)
     python scripts/build_demo.py --quick --out /tmp/d  # tiny build in about two minutes (CI)
     python scripts/build_demo.py --stage lm            # one stage (resumes from its checkpoint)
     python scripts/build_demo.py --write-texts test --count 20 --texts-out held_out.txt
@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--stage", choices=build.STAGES, action="append", help="run only these stages (repeatable)")
     p.add_argument("--max-sentences", type=int, default=None, help="cap the corpus size")
     p.add_argument("--workers", type=int, default=2, help="processes for the corpus synthesis")
+    p.add_argument("--judge-steps", type=int, default=420, help="judge optimizer steps (full build)")
+    p.add_argument("--lm-steps", type=int, default=2650, help="LM optimizer steps (full build)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--write-texts", choices=["train", "valid", "test"], help="only write sentences of this split")
     p.add_argument("--count", type=int, default=20, help="how many sentences --write-texts writes")
@@ -40,7 +42,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     work = args.work or Path.home() / ".cache" / "vadusa" / ("demo-build-quick" if args.quick else "demo-build")
     cfg = build.BuildConfig(
-        work=work, out=args.out, quick=args.quick, max_sentences=args.max_sentences, workers=args.workers
+        work=work,
+        out=args.out,
+        quick=args.quick,
+        max_sentences=args.max_sentences,
+        workers=args.workers,
+        judge_steps=args.judge_steps,
+        lm_steps=args.lm_steps,
     )
     build.run(cfg, args.stage or build.STAGES)
 

@@ -42,8 +42,10 @@ def test_quick_build_end_to_end_and_resume(tmp_path):
     assert build(out, work) < 60  # everything exists: nothing is redone
     assert {f: (out / f).stat().st_mtime_ns for f in REQUIRED} == stamp
 
-    (out / "lm" / "model.safetensors").unlink()  # one stage lost: only that stage reruns, same result
+    (out / "lm" / "model.safetensors").unlink()  # LM and caches lost: the codec is reused, the LM retrained
     shutil.rmtree(work / "lm")
-    build(out, work, "--stage", "lm")
+    (work / "units.safetensors").unlink()
+    build(out, work, "--stage", "codec", "--stage", "lm")
+    assert (out / "codec" / "model.safetensors").stat().st_mtime_ns == stamp["codec/model.safetensors"]
     again = TTSPipeline.from_pretrained(out)
     assert torch.equal(again.model.model.embed_tokens.weight, pipe.model.model.embed_tokens.weight)

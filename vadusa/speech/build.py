@@ -1,12 +1,15 @@
 """Stages of the demo build: corpus -> codec -> judge -> lm. Each is resumable and writes atomically.
 
-work/                         (outside the repo; caches)
-  sentences.json              every usable sentence with its split, voice and rate
-  corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each
-  codec_units.safetensors     unit ids of every corpus sentence
-  judge/, lm/                 training checkpoints (resume from here)
-out/                          (the shipped directory, vadusa/assets/demo by default)
-  codec/ judge/ lm/           config.json + model.safetensors each
+    work/                          (outside the repo; caches)
+      sentences.json               every usable sentence with its split, voice and rate
+      corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each
+      units.safetensors, vocab.json            unit ids of every sentence; the LM vocabulary
+      judge/, lm/                  training checkpoints (resume from here), *.log
+    out/                           (the shipped directory, vadusa/assets/demo by default)
+      codec/ judge/ lm/            config.json + model.safetensors each
+
+A stage whose output already exists in out/ is skipped (resume); to rebuild, use a new --out or
+delete that stage's directory (and the later ones: judge/ and lm/ depend on codec/).
 """
 
 import multiprocessing
@@ -37,6 +40,8 @@ class BuildConfig:
     quick: bool = False  # tiny corpus and models: the whole build in about two minutes (CI)
     max_sentences: int | None = None  # cap on corpus sentences (None: every usable fortune sentence)
     workers: int = 2  # processes for the corpus synthesis (one torch thread each)
+    judge_steps: int = 420  # judge optimizer steps of the full build (8,000 mel frames each)
+    lm_steps: int = 2650  # LM optimizer steps of the full build (2,048 padded tokens each)
 
 
 def sentence_table(cfg: BuildConfig) -> list[dict]:
@@ -118,25 +123,34 @@ def load_corpus(cfg: BuildConfig) -> tuple[list[dict], list[torch.Tensor]]:
 
 # ----- codec -----
 def build_codec(cfg: BuildConfig):
-    """Fit k-means on the training mels, encode every sentence, fix the LM vocabulary from training phonemes."""
+    """Fit k-means on the training mels (unless out/codec exists), encode every sentence, fix the vocabulary.
+
+    An existing out/codec (and out/lm/vocab.json) is reused, never refitted: the LM in out/ depends on it.
+    """
     out = cfg.out / "codec"
     units_path = cfg.work / "units.safetensors"
+    if (out / "model.safetensors").exists() and units_path.exists() and (cfg.work / "vocab.json").exists():
+        return UnitCodec.from_pretrained(out)
     rows, mels = load_corpus(cfg)
     if not rows:
         raise RuntimeError(f"no corpus under {cfg.work / 'corpus'}: run the corpus stage first")
-    if (out / "model.safetensors").exists() and units_path.exists():
-        return UnitCodec.from_pretrained(out)
-    train = [m for r, m in zip(rows, mels, strict=True) if r["split"] == "train"]
-    codec = UnitCodec.fit(train, num_units=64 if cfg.quick else 1024)
+    if (out / "model.safetensors").exists():
+        codec = UnitCodec.from_pretrained(out)
+    else:
+        train = [m for r, m in zip(rows, mels, strict=True) if r["split"] == "train"]
+        codec = UnitCodec.fit(train, num_units=64 if cfg.quick else 1024)
+        codec.save_pretrained(out)
     units = [codec.encode(m) for m in tqdm(mels, desc="codec encode", unit="sent")]
     counts = torch.bincount(torch.cat(units), minlength=codec.config.num_units)
     print(f"codec: {codec.config.num_units} units, {int((counts == 0).sum())} unused")
     write_tensors(units_path, {"units": torch.cat(units), "lengths": torch.tensor([len(u) for u in units])})
-    phonemes = sorted({p for r in rows if r["split"] == "train" for p in r["phonemes"]})
-    vocab = Vocab(voices=list(corpus.VOICES), rates=list(corpus.RATES), phonemes=phonemes,
-                  num_units=codec.config.num_units)  # fmt: skip
+    if (cfg.out / "lm" / "vocab.json").exists():
+        vocab = Vocab.load(cfg.out / "lm" / "vocab.json")
+    else:
+        phonemes = sorted({p for r in rows if r["split"] == "train" for p in r["phonemes"]})
+        vocab = Vocab(voices=list(corpus.VOICES), rates=list(corpus.RATES), phonemes=phonemes,
+                      num_units=codec.config.num_units)  # fmt: skip
     vocab.save(cfg.work / "vocab.json")
-    codec.save_pretrained(out)
     return codec
 
 
@@ -150,14 +164,7 @@ def judge_configs(cfg: BuildConfig) -> tuple[JudgeConfig, JudgeTrainConfig, int]
     """(model, training, number of Griffin-Lim vocoded training sentences)."""
     if cfg.quick:
         return JudgeConfig(channels=64, hidden=64), JudgeTrainConfig(steps=60, frames=6000, warmup=10), 16
-    return (
-        JudgeConfig(),
-        JudgeTrainConfig(
-            steps=int(os.environ.get("VADUSA_JUDGE_STEPS", 1000)),
-            frames=int(os.environ.get("VADUSA_JUDGE_FRAMES", 8000)),
-        ),
-        1200,
-    )
+    return JudgeConfig(), JudgeTrainConfig(steps=cfg.judge_steps, frames=8000), 1200
 
 
 def vocoded_mels(codec: UnitCodec, units: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
@@ -195,7 +202,7 @@ def build_judge(cfg: BuildConfig) -> Judge:
 def lm_configs(cfg: BuildConfig) -> tuple[LMConfig, LMTrainConfig]:
     if cfg.quick:
         return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(steps=120, warmup=10, lr=3e-3)
-    return LMConfig(), LMTrainConfig(steps=int(os.environ.get("VADUSA_LM_STEPS", 2500)))
+    return LMConfig(), LMTrainConfig(steps=cfg.lm_steps)
 
 
 def lm_data(cfg: BuildConfig, vocab: Vocab, split: str) -> tuple[list[list[int]], list[int]]:
