@@ -3,6 +3,11 @@
     python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder ar]
                      [--temperature 1.0] [--seed 0] [--json stats.json]
     python decode.py --texts texts.txt --out-dir wavs/ --json stats.json
+    python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
+
+--compare runs the A/B harness (vadusa.bench): every decoder row on the same texts and seeds, interleaved,
+and writes ab/report.json, ab/report.md and ab/pareto.png. SPEC is `decoder:key=v1|v2,key=v; ...`, e.g.
+"vadusa:tolerance=1|2|3|4,tree=auto; block:threshold=0.02"; `hf-generate` and `ar` are always included.
 
 Stats JSON keys are documented in vadusa/speech/stats.py: one row per text (cer, audio_seconds,
 new_tokens, tokens_per_second, rtf, forward_passes, ...) under "texts", and "summary" with their
@@ -18,9 +23,13 @@ from pathlib import Path
 import soundfile
 import torch
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
+from vadusa.bench import compare, read_texts, task_from_pipeline
 from vadusa.speech import TTSPipeline
 from vadusa.speech.stats import summary, text_stats
+
+DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size")  # passed to the decoder when set
 
 
 def parse_args(argv=None):
@@ -36,7 +45,22 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size)")
+    g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
+    g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
+    g.add_argument("--tolerance", type=int, help="vadusa tolerance tau (draws from the base per node)")
+    g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1]")
+    g.add_argument("--block-size", type=int, help="block decoding block size")
+    c = p.add_argument_group("A/B comparison")
+    c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")
+    c.add_argument("--configs", help="rows to compare (default: every shipped decoder and the key sweeps)")
+    c.add_argument("--repeats", type=int, default=3, help="timed repeats per row and text (median reported)")
+    c.add_argument("--quick", action="store_true", help="a couple of minutes: a few rows, one repeat")
     args = p.parse_args(argv)
+    if args.compare:
+        if args.texts is None or args.out_dir is None:
+            p.error("--compare needs --texts FILE and --out-dir DIR")
+        return args
     if (args.text is None) == (args.texts is None):
         p.error("give either a text or --texts FILE")
     if args.text is not None and args.output is None:
@@ -46,19 +70,11 @@ def parse_args(argv=None):
     return args
 
 
-def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise SystemExit(f"error: texts file {path} not found")
-    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not texts:
-        raise SystemExit(f"error: texts file {path} has no non-empty lines")
-    return texts
-
-
 def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
     """Synthesise one text, write its wav, return its stats row."""
+    options = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k) is not None}
     wav, sr, out = pipe.synthesize(
-        text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature
+        text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
     )
     start = time.perf_counter()
     wav, sr = pipe.vocode(pipe.units(out))  # timed on its own: synthesize already vocoded once
@@ -73,8 +89,22 @@ def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 4 MB model
     try:
         pipe = TTSPipeline.from_pretrained(args.model_dir)
+        if args.compare:
+            task = task_from_pipeline(pipe, read_texts(args.texts), args.voice, args.temperature)
+            report = compare(
+                task,
+                args.out_dir,
+                args.configs,
+                args.repeats,
+                args.seed or 0,
+                args.quick,
+                command="python " + " ".join(sys.argv),
+            )
+            print(f"{len(report['rows'])} rows -> {args.out_dir}/report.md, report.json, pareto.png")
+            return 0
         if args.text is not None:
             rows = [speak(pipe, args.text, args.output, args, args.seed)]
         else:
@@ -83,7 +113,7 @@ def main(argv=None) -> int:
             for i, text in enumerate(tqdm(texts, desc="synthesise", unit="text")):
                 seed = None if args.seed is None else args.seed + i
                 rows.append(speak(pipe, text, args.out_dir / f"{i:04d}.wav", args, seed))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stats = {"texts": rows, "summary": summary(rows)}
