@@ -1,5 +1,6 @@
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,22 @@ def test_bad_inputs_raise(tmp_path):
         prepare_out_dir(tmp_path / "file")
     with pytest.raises(ValueError, match="lacks"):
         validate_report({"machine": {}, "command": "", "rows": [{"decoder": "ar"}]})
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).parents[1] / "vadusa/assets/demo/lm/model.safetensors").is_file(),
+    reason="demo weights not built",
+)
+def test_compare_cli_reports_bad_inputs(tmp_path, capsys):
+    import decode
+
+    assert decode.main(["--compare", "--texts", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)]) == 2
+    assert "texts file" in capsys.readouterr().err
+    (tmp_path / "texts.txt").write_text("Hello there, general Kenobi.\n")
+    (tmp_path / "file").write_text("x")
+    argv = ["--compare", "--texts", str(tmp_path / "texts.txt"), "--out-dir", str(tmp_path / "file")]
+    assert decode.main(argv) == 2
+    assert "is a file" in capsys.readouterr().err
+    argv[-1] = str(tmp_path / "out")
+    assert decode.main(argv + ["--configs", "ar:nonsense=1"]) == 2
+    assert "unknown option(s) ['nonsense']" in capsys.readouterr().err
