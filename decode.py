@@ -1,6 +1,6 @@
 """Synthesise speech with the demo TTS (or weights from --model-dir), offline.
 
-    python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder ar]
+    python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder vadusa|ar|block]
                      [--temperature 1.0] [--seed 0] [--json stats.json]
     python decode.py --texts texts.txt --out-dir wavs/ --json stats.json
     python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
@@ -39,7 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--texts", type=Path, help="file with one text per line")
     p.add_argument("--out-dir", type=Path, help="directory for the wavs of --texts (0000.wav, 0001.wav, ...)")
     p.add_argument("--voice", default=None, help="voice name (default: the demo's first voice)")
-    p.add_argument("--decoder", default="ar", help="decoder name from vadusa.decoders (default: ar)")
+    p.add_argument(
+        "--decoder",
+        default="vadusa",
+        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (text i of --texts uses seed + i)")
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
