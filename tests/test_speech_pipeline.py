@@ -105,8 +105,8 @@ def test_decode_cli_texts_json(tiny_dir, tmp_path, monkeypatch):
 
     texts = tmp_path / "texts.txt"
     texts.write_text("Hello there.\n\nHello world!\n")
-    code = decode.main(["--texts", str(texts), "--out-dir", str(tmp_path / "wavs"), "--json",
-                        str(tmp_path / "s.json"), "--model-dir", str(tiny_dir), "--seed", "0", "--decoder", "ar"])  # fmt: skip
+    code = decode.main(["--texts", str(texts), "--out-dir", str(tmp_path / "wavs"), "--json", str(tmp_path / "s.json"),
+                        "--model-dir", str(tiny_dir), "--seed", "0", "--decoder", "ar"])  # fmt: skip
     assert code == 0
     stats = json.loads((tmp_path / "s.json").read_text())
     keys = {"cer", "audio_seconds", "new_tokens", "tokens_per_second", "rtf", "forward_passes"}
