@@ -77,11 +77,11 @@ def parse_args(argv=None):
 def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
     """Synthesise one text, write its wav, return its stats row."""
     options = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k) is not None}
-    wav, sr, out = pipe.synthesize(
+    out = pipe.generate(
         text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
     )
     start = time.perf_counter()
-    wav, sr = pipe.vocode(pipe.units(out))  # timed on its own: synthesize already vocoded once
+    wav, sr = pipe.vocode(pipe.units(out))
     vocode_seconds = time.perf_counter() - start
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     soundfile.write(str(wav_path), wav, sr)

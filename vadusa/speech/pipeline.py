@@ -131,7 +131,7 @@ class TTSPipeline:
         return self._runs[key]
 
     @torch.inference_mode()
-    def synthesize(
+    def generate(
         self,
         text: str,
         voice: str | None = None,
@@ -140,8 +140,8 @@ class TTSPipeline:
         rate: str | None = None,
         temperature: float = 1.0,
         **decode_kwargs,
-    ) -> tuple[np.ndarray, int, GenerationOutput]:
-        """text -> (float32 wav, sample rate, GenerationOutput).
+    ) -> GenerationOutput:
+        """text -> the decoder's GenerationOutput (units as tokens), without vocoding.
 
         `decode_kwargs` that name options of the decoder's factory (for example a tree) build the
         decoder; the others go to its run (for example top_k, acceptance, max_new_tokens, streamer).
@@ -153,7 +153,7 @@ class TTSPipeline:
         call.setdefault("max_new_tokens", self._cap(ids.shape[1]))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         run = self.decoder(decoder, **options)
-        out = run(
+        return run(
             ids,
             temperature=temperature,
             logits_processor=self.logits_processor,
@@ -161,5 +161,11 @@ class TTSPipeline:
             generator=generator,
             **call,
         )
+
+    def synthesize(
+        self, text: str, voice: str | None = None, decoder: str = "ar", seed: int | None = None, **kwargs
+    ) -> tuple[np.ndarray, int, GenerationOutput]:
+        """text -> (float32 wav, sample rate, GenerationOutput): `generate`, then `vocode` of its units."""
+        out = self.generate(text, voice, decoder, seed, **kwargs)
         wav, sr = self.vocode(self.units(out))
         return wav, sr, out
