@@ -63,8 +63,8 @@ def lossless(probs: torch.Tensor, children: torch.Tensor, generator=None) -> tup
             return i, c
         residual[c] = 0.0
         total = residual.sum()
-        if total <= 0:  # every token with mass was a rejected draft: impossible in exact arithmetic
-            break
+        if total <= 0:  # every token with mass was a rejected draft: only possible through rounding
+            return -1, int(torch.multinomial(probs, 1, generator=generator))
         residual /= total
     return -1, int(torch.multinomial(residual, 1, generator=generator))
 

@@ -250,6 +250,7 @@ def run_benchmark(
     bar.close()
 
     tps = [statistics.median(t / s for t, s in zip(tokens[k], seconds[k], strict=True)) for k in range(n_rows)]
+    tps_ar, tps_hf = (tps[next(k for k, r in enumerate(rows) if r.label == b)] for b in ("ar", "hf-generate"))
     report_rows = []
     for k, row in enumerate(rows):
         outs = first[k]
@@ -264,8 +265,8 @@ def run_benchmark(
                 "decoder": row.decoder,
                 "config": row.config,
                 "tokens_per_second": tps[k],
-                "speedup_vs_ar": tps[k] / tps[rows.index(next(r for r in rows if r.decoder == "ar"))],
-                "speedup_vs_hf": tps[k] / tps[rows.index(next(r for r in rows if r.decoder == "hf-generate"))],
+                "speedup_vs_ar": tps[k] / tps_ar,
+                "speedup_vs_hf": tps[k] / tps_hf,
                 "mean_accepted": accepted[k] / max(steps[k], 1),
                 "forward_passes_per_token": passes[k] / max(sum(tokens[k]), 1),
                 "cer": cer,
