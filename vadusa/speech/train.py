@@ -32,6 +32,16 @@ class Schedule:
         return self.lr * (self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def optimizer_step(opt, lr: float, loss: torch.Tensor, params, max_norm: float = 1.0) -> None:
+    """One AdamW step at learning rate `lr` with gradient-norm clipping."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+
+
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -135,12 +145,7 @@ def train_judge(judge, mels: list[torch.Tensor], texts: list[str], cfg: JudgeTra
         y_len = torch.tensor([len(labels[i]) for i in batch])
         logp = judge(x, lengths)  # (B, T/2, V)
         loss = ctc(logp.transpose(0, 1), y, judge.out_lengths(lengths), y_len)
-        for g in opt.param_groups:
-            g["lr"] = sched.lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, sched.lr_at(step), loss, judge.parameters())
         step += 1
         recent.append(loss.item())
         bar.update(1)
@@ -213,12 +218,7 @@ def train_lm(model, seqs, prompt_lens, valid, cfg: LMTrainConfig, ckpt: Path, pa
         epoch, batch = next(stream)
         ids, labels = lm_batch([seqs[i] for i in batch], [prompt_lens[i] for i in batch], pad)
         loss = model(input_ids=ids, labels=labels).loss
-        for g in opt.param_groups:
-            g["lr"] = sched.lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, sched.lr_at(step), loss, model.parameters())
         step += 1
         seen += sum(len(seqs[i]) for i in batch)
         recent.append(loss.item())
