@@ -264,7 +264,7 @@ def generate(
     hidden = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
     d.forward_passes = 1
     probs = logits_to_probs(out_layer(hidden), d.prompt, processor, temperature, top_k)
-    d.emit([rule(probs, _NO_CHILDREN, generator)[1]])
+    d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
     while not d.done:
         past = d.length - 1  # cache holds everything before the root
         root = int(d.seq[0, past])
