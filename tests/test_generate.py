@@ -217,21 +217,7 @@ def test_sampled_ar_equals_transformers_sampling_on_the_same_seed(model_and_head
     model, _ = model_and_heads
     prompt = torch.tensor([TEST_PROMPT])
     processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)])
-    ours = vadusa.generate_ar(
-        model,
-        prompt,
-        max_new_tokens=60,
-        temperature=0.8,
-        top_k=10,
-        logits_processor=processor,
-        generator=torch.Generator().manual_seed(5),
-    )
-    hf = vadusa.build_decoder("hf-generate", model)(
-        prompt,
-        max_new_tokens=60,
-        temperature=0.8,
-        top_k=10,
-        logits_processor=processor,
-        generator=torch.Generator().manual_seed(5),
-    )
+    sampling = dict(max_new_tokens=60, temperature=0.8, top_k=10, logits_processor=processor)
+    ours = vadusa.generate_ar(model, prompt, generator=torch.Generator().manual_seed(5), **sampling)
+    hf = vadusa.build_decoder("hf-generate", model)(prompt, generator=torch.Generator().manual_seed(5), **sampling)
     assert torch.equal(ours.sequences, hf.sequences)
