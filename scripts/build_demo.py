@@ -27,8 +27,11 @@ def main(argv=None):
     p.add_argument("--stage", choices=build.STAGES, action="append", help="run only these stages (repeatable)")
     p.add_argument("--max-sentences", type=int, default=None, help="cap the corpus size")
     p.add_argument("--workers", type=int, default=2, help="processes for the corpus synthesis")
-    p.add_argument("--judge-steps", type=int, default=420, help="judge optimizer steps (full build)")
-    p.add_argument("--lm-steps", type=int, default=2650, help="LM optimizer steps (full build)")
+    d = build.BuildConfig(work=Path(), out=Path())
+    p.add_argument("--judge-steps", type=int, default=d.judge_steps, help="judge optimizer steps (full build)")
+    p.add_argument("--judge-restart", type=int, default=d.judge_restart, help="judge warm-restart step (0: none)")
+    p.add_argument("--lm-steps", type=int, default=d.lm_steps, help="LM optimizer steps (full build)")
+    p.add_argument("--lm-restart", type=int, default=d.lm_restart, help="LM warm-restart step (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--write-texts", choices=["train", "valid", "test"], help="only write sentences of this split")
     p.add_argument("--count", type=int, default=20, help="how many sentences --write-texts writes")
@@ -48,7 +51,9 @@ def main(argv=None):
         max_sentences=args.max_sentences,
         workers=args.workers,
         judge_steps=args.judge_steps,
+        judge_restart=args.judge_restart,
         lm_steps=args.lm_steps,
+        lm_restart=args.lm_restart,
     )
     build.run(cfg, args.stage or build.STAGES)
 

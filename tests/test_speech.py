@@ -198,3 +198,16 @@ def test_units_only_processor():
     proc = lm.UnitsOnly(unit_offset=6, num_units=3, eos_token_id=2, vocab_size=9)
     scores = proc(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 9))
     assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [2, 6, 7, 8]
+
+
+def test_warm_restart_schedule_continues_a_finished_run():
+    """A second cosine cycle from `restart`: the first cycle is exactly a run of `restart` steps, then it re-warms."""
+    from vadusa.speech.train import Schedule
+
+    first, both = Schedule(100, 1e-3, 10), Schedule(300, 1e-3, 10, restart=100)
+    assert [both.lr_at(s) for s in range(100)] == [first.lr_at(s) for s in range(100)]
+    assert both.lr_at(99) == pytest.approx(1e-4, rel=0.01)  # cycle 1 ends at final * lr
+    assert both.lr_at(100) == pytest.approx(1e-4) and both.lr_at(109) == pytest.approx(1e-3)  # warm-up again
+    assert both.lr_at(299) == pytest.approx(1e-4, rel=0.01)
+    second = [both.lr_at(s) for s in range(110, 300)]
+    assert all(a >= b for a, b in zip(second, second[1:], strict=False))  # cosine decay, monotone

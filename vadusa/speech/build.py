@@ -40,8 +40,10 @@ class BuildConfig:
     quick: bool = False  # tiny corpus and models: the whole build in about two minutes (CI)
     max_sentences: int | None = None  # cap on corpus sentences (None: every usable fortune sentence)
     workers: int = 2  # processes for the corpus synthesis (one torch thread each)
-    judge_steps: int = 420  # judge optimizer steps of the full build (8,000 mel frames each)
-    lm_steps: int = 2650  # LM optimizer steps of the full build (2,048 padded tokens each)
+    judge_steps: int = 2420  # judge optimizer steps of the full build (8,000 mel frames each)
+    judge_restart: int = 420  # judge warm restart: a second cosine cycle from this step (0: one cycle)
+    lm_steps: int = 6650  # LM optimizer steps of the full build (2,048 padded tokens each)
+    lm_restart: int = 2650  # LM warm restart: a second cosine cycle from this step (0: one cycle)
 
 
 def sentence_table(cfg: BuildConfig) -> list[dict]:
@@ -164,7 +166,7 @@ def judge_configs(cfg: BuildConfig) -> tuple[JudgeConfig, JudgeTrainConfig, int]
     """(model, training, number of Griffin-Lim vocoded training sentences)."""
     if cfg.quick:
         return JudgeConfig(channels=64, hidden=64), JudgeTrainConfig(steps=60, frames=6000, warmup=10), 16
-    return JudgeConfig(), JudgeTrainConfig(steps=cfg.judge_steps, frames=8000), 1200
+    return JudgeConfig(), JudgeTrainConfig(steps=cfg.judge_steps, frames=8000, restart=cfg.judge_restart), 1200
 
 
 def vocoded_mels(codec: UnitCodec, units: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
@@ -202,7 +204,7 @@ def build_judge(cfg: BuildConfig) -> Judge:
 def lm_configs(cfg: BuildConfig) -> tuple[LMConfig, LMTrainConfig]:
     if cfg.quick:
         return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(steps=120, warmup=10, lr=3e-3)
-    return LMConfig(), LMTrainConfig(steps=cfg.lm_steps)
+    return LMConfig(), LMTrainConfig(steps=cfg.lm_steps, restart=cfg.lm_restart)
 
 
 def lm_data(cfg: BuildConfig, vocab: Vocab, split: str) -> tuple[list[list[int]], list[int]]:

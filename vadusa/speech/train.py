@@ -22,13 +22,16 @@ from .store import read_json, read_tensors, write_json, write_tensors
 class Schedule:
     steps: int  # optimizer steps in total
     lr: float  # peak learning rate
-    warmup: int  # linear warm-up steps
+    warmup: int  # linear warm-up steps (of each cycle)
     final: float = 0.1  # cosine decays to final * lr
+    restart: int = 0  # step of a warm restart: a second warm-up + cosine cycle from here to `steps` (0: none)
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        frac = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        start, end = (self.restart, self.steps) if 0 < self.restart <= step else (0, self.restart or self.steps)
+        local = step - start
+        if local < self.warmup:
+            return self.lr * (local + 1) / self.warmup
+        frac = min(1.0, (local - self.warmup) / max(1, end - start - self.warmup))
         return self.lr * (self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -104,6 +107,7 @@ class JudgeTrainConfig:
     freq_masks: int = 2  # SpecAugment band masks per utterance (up to 8 bands each)
     save_every: int = 200  # checkpoint period in steps
     seed: int = 0  # batch order and augmentation
+    restart: int = 0  # warm restart step: a second cosine cycle from here to `steps` (0: one cycle)
 
 
 def spec_augment(mel: torch.Tensor, cfg: JudgeTrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -127,7 +131,7 @@ def train_judge(judge, mels: list[torch.Tensor], texts: list[str], cfg: JudgeTra
 
     labels = [encode_text(t) for t in texts]
     opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    sched = Schedule(cfg.steps, cfg.lr, cfg.warmup)
+    sched = Schedule(cfg.steps, cfg.lr, cfg.warmup, restart=cfg.restart)
     step = load_checkpoint(ckpt, judge, opt)["step"]
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     stream = epoch_batches([m.shape[0] for m in mels], cfg.frames, cfg.seed)
@@ -169,6 +173,7 @@ class LMTrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay
     save_every: int = 100  # checkpoint period in steps
     seed: int = 0  # batch order
+    restart: int = 0  # warm restart step: a second cosine cycle from here to `steps` (0: one cycle)
 
 
 def lm_batch(seqs: list[list[int]], prompt_lens: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +210,7 @@ def train_lm(model, seqs, prompt_lens, valid, cfg: LMTrainConfig, ckpt: Path, pa
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    sched = Schedule(cfg.steps, cfg.lr, cfg.warmup)
+    sched = Schedule(cfg.steps, cfg.lr, cfg.warmup, restart=cfg.restart)
     meta = load_checkpoint(ckpt, model, opt)
     step, seen = meta["step"], meta.get("tokens_seen", 0)
     stream = epoch_batches([len(s) for s in seqs], cfg.tokens, cfg.seed)
