@@ -56,7 +56,11 @@ def load_base(args):
 
 def config_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(train_lib.TrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, dest=f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # --root-token / --no-root-token
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=f.name)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, dest=f.name)
 
 
 def main(argv=None):

@@ -37,14 +37,15 @@ def tiny_gpt2(vocab: int = 48, seed: int = 0) -> GPT2LMHeadModel:
 TEST_PROMPT = [3, 17, 5, 40, 22, 9]  # the prompt the greedy tests decode from
 
 
-def fitted_heads(model, num_heads: int = 4, steps: int = 150, seed: int = 0) -> vadusa.DraftHeads:
+def fitted_heads(model, num_heads: int = 4, steps: int = 150, seed: int = 0, root_token: bool = False):
     """Random (non-zero) heads, then a few Adam steps towards the model's own greedy future tokens.
 
     Gives heads that are right often enough for several tokens to be accepted per step, so tests
     exercise the multi-token path, while still being wrong at times (rank > 0 nodes matter).
+    `root_token` heads also read the token after each state (vadusa.heads).
     """
     gen = torch.Generator().manual_seed(seed)
-    heads = vadusa.DraftHeads.from_model(model, num_heads=num_heads, num_layers=1)
+    heads = vadusa.DraftHeads.from_model(model, num_heads=num_heads, num_layers=1, root_token=root_token)
     with torch.no_grad():
         for p in heads.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
@@ -58,9 +59,9 @@ def fitted_heads(model, num_heads: int = 4, steps: int = 150, seed: int = 0) -> 
         hidden = model(seqs, output_hidden_states=True).hidden_states[-1]  # (B, T, D)
     opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
     for _ in range(steps):
-        logits = heads(hidden)  # (B, T, H, V)
+        logits = heads(hidden[:, :-1], seqs[:, 1:])  # (B, T-1, H, V): state t, root t+1
         loss = sum(
-            torch.nn.functional.cross_entropy(logits[:, : -(k + 2), k].reshape(-1, vocab), seqs[:, k + 2 :].reshape(-1))
+            torch.nn.functional.cross_entropy(logits[:, : -(k + 1), k].reshape(-1, vocab), seqs[:, k + 2 :].reshape(-1))
             for k in range(num_heads)
         )
         opt.zero_grad()

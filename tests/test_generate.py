@@ -12,10 +12,11 @@ MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 WIDE = vadusa.Tree.from_paths([[r] for r in range(12)] + [[r, 0] for r in range(4)] + [[0, 1]])
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=[("llama", False), ("gpt2", False), ("llama", True)], ids=str)
 def model_and_heads(request):
-    model = MODELS[request.param]()
-    return model, fitted_heads(model)
+    name, root_token = request.param
+    model = MODELS[name]()
+    return model, fitted_heads(model, root_token=root_token)
 
 
 def trees(medusa_tree):

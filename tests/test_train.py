@@ -77,6 +77,19 @@ def test_short_training_lowers_loss_and_raises_top1(caches, tmp_path, loss):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoint.safetensors").is_file()
 
 
+def test_root_token_heads_learn_what_medusa_heads_cannot_see(caches, tmp_path):
+    """Head 0 predicts x_{t+2}; the base's x_{t+2} depends on the sampled x_{t+1}, which only root-token heads read."""
+    model, train_dir, test_dir = caches
+    held_out = train.load_cache(test_dir)
+    result = {}
+    for root_token in (False, True):
+        config = train.TrainConfig(**CONFIG, root_token=root_token)
+        heads = train.train(model, config, train_dir, tmp_path / str(root_token), progress=False)
+        result[root_token] = train.evaluate(heads, held_out, "kl")
+    assert result[True]["loss"][0] < result[False]["loss"][0] - 0.05, result
+    assert result[True]["top1"][0] > result[False]["top1"][0] + 0.02, result
+
+
 @pytest.mark.parametrize("mode", ["frozen", "joint"])
 def test_resume_gives_the_same_heads_as_an_uninterrupted_run(caches, tmp_path, mode):
     model, train_dir, _ = caches

@@ -61,7 +61,8 @@ def tolerance_accept(p_cands: torch.Tensor, tau: int) -> torch.Tensor:
 @torch.no_grad()
 def head_candidates(heads: DraftHeads, hidden: torch.Tensor, history: torch.Tensor, processor, k: int):
     """(G, H, k) the heads' top-k at every state, after the logits processor (history: prompt + gen, (P+G,))."""
-    logits = heads(hidden.to(heads.out_weight.dtype)).float()  # (G, H, V)
+    roots = history[len(history) - hidden.shape[0] :]  # (G,) the token each state's base distribution drew
+    logits = heads(hidden.to(heads.out_weight.dtype), roots).float()  # (G, H, V)
     if processor is not None:
         p_len = len(history) - hidden.shape[0]
         for i in range(hidden.shape[0]):  # the engine processes the heads with the history up to the root
@@ -294,10 +295,11 @@ def heads_overhead(model, heads: DraftHeads, max_rank: int, repeats: int = 50) -
     from .cost import interleaved_medians
 
     hidden = torch.randn(heads.config.hidden_size, device=model.device)
+    root = torch.tensor(0, device=model.device)
 
     @torch.no_grad()
     def draft():
-        torch.topk(heads(hidden), max_rank + 1, dim=-1)
+        torch.topk(heads(hidden, root), max_rank + 1, dim=-1)
 
     return interleaved_medians({"draft": draft}, repeats)["draft"]
 

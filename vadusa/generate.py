@@ -194,14 +194,14 @@ def generate_ar(
         d.accepted_lengths.append(1)
 
 
-def draft_tokens(heads: DraftHeads, hidden, root: int, tree: Tree, history, processor) -> torch.Tensor:
-    """(N+1,) tree tokens: the root, then each node's (head, rank) pick from the heads' top-k."""
-    logits = heads(hidden.to(heads.out_weight.dtype))  # (H, V)
+def draft_tokens(heads: DraftHeads, hidden, root: torch.Tensor, tree: Tree, history, processor) -> torch.Tensor:
+    """(N+1,) tree tokens: the root (a 0-dim id), then each node's (head, rank) pick from the heads' top-k."""
+    logits = heads(hidden.to(heads.out_weight.dtype), root)  # (H, V)
     if processor is not None:
         logits = processor(history.expand(logits.shape[0], -1), logits.float())
     top = torch.topk(logits, tree.max_rank + 1, dim=-1).indices  # (H, K)
     head, rank = tree.heads_and_ranks.unbind(-1)  # (N,), (N,)
-    return torch.cat([top.new_tensor([root]), top[head, rank]])  # (N+1,)
+    return torch.cat([root.reshape(1), top[head, rank]])  # (N+1,)
 
 
 def verify(body, tokens, tree_bias, depths, mask, cache, past: int) -> torch.Tensor:
@@ -267,7 +267,7 @@ def generate(
     d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
     while not d.done:
         past = d.length - 1  # cache holds everything before the root
-        root = int(d.seq[0, past])
+        root = d.seq[0, past]  # 0-dim
         tokens = draft_tokens(heads, hidden, root, tree, d.seq[:, : d.length], processor)  # (n,)
 
         states = verify(body, tokens, tree_bias, depths, mask, d.cache, past)  # (n, D)

@@ -5,6 +5,11 @@ own output layer already predicts x_{t+1}. Each head is `num_layers` blocks x + 
 zero-initialised, then Linear(hidden, vocab) initialised as a copy of the base output layer, so a fresh
 head reproduces the base distribution. Weights are stacked along a leading head axis: every head has
 its own slice (no sharing), and all heads run in one batched matmul.
+
+With `root_token`, the heads also read x_{t+1} itself, the root the decoder has already drawn from the
+base before drafting (Medusa heads never see it): x = h_t + E[x_{t+1}], E a learned (V, D) embedding
+shared by the heads and zero-initialised, so fresh heads still reproduce the base. When the base samples,
+the root is the one token of the future that is already known, and head 0's target follows it directly.
 """
 
 import json
@@ -27,6 +32,7 @@ class HeadsConfig:
     hidden_size: int = 0  # the base model's hidden size the heads read
     vocab_size: int = 0  # the base model's vocabulary size the heads write
     base_model: str = ""  # name or path of the base model the heads were built for ("" = unknown)
+    root_token: bool = False  # heads also read the root token x_{t+1} through a learned embedding (module doc)
 
 
 def model_dims(model) -> tuple[int, int, str]:
@@ -46,12 +52,14 @@ class DraftHeads(nn.Module):
         self.block_weight = nn.Parameter(torch.zeros(h, n, d, d))  # (H, L, D_out, D_in), zero: blocks start as identity
         self.block_bias = nn.Parameter(torch.zeros(h, n, d))  # (H, L, D)
         self.out_weight = nn.Parameter(torch.zeros(h, v, d))  # (H, V, D)
+        if config.root_token:
+            self.root_embed = nn.Parameter(torch.zeros(v, d))  # (V, D), zero: fresh heads ignore the root
 
     @classmethod
-    def from_model(cls, model, num_heads: int = 4, num_layers: int = 1) -> "DraftHeads":
+    def from_model(cls, model, num_heads: int = 4, num_layers: int = 1, root_token: bool = False) -> "DraftHeads":
         """Fresh heads for `model`: residual blocks at zero, output layers copied (not shared) from the base."""
         hidden, vocab, name = model_dims(model)
-        heads = cls(HeadsConfig(num_heads, num_layers, hidden, vocab, name))
+        heads = cls(HeadsConfig(num_heads, num_layers, hidden, vocab, name, root_token))
         base_out = model.get_output_embeddings().weight.detach()
         with torch.no_grad():
             heads.out_weight.copy_(base_out.to(heads.out_weight.dtype).expand(num_heads, -1, -1))
@@ -68,17 +76,21 @@ class DraftHeads(nn.Module):
         if c.base_model and name and Path(c.base_model).name != Path(name).name:
             raise ValueError(f"heads were built for base model {c.base_model!r}, the model is {name!r}")
 
-    def hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., H, D): each head's residual blocks applied to the same base hidden state."""
+    def hidden(self, h: torch.Tensor, roots: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) states [and (...) root ids] -> (..., H, D): each head's residual blocks on the same input."""
+        if self.config.root_token:
+            if roots is None:
+                raise ValueError("these heads read the root token (root_token=True): pass roots, the drawn x_{t+1}")
+            h = h + self.root_embed[roots]  # (..., D)
         x = h.unsqueeze(-2).expand(*h.shape[:-1], self.config.num_heads, h.shape[-1])  # (..., H, D)
         for layer in range(self.config.num_layers):
             w, b = self.block_weight[:, layer], self.block_bias[:, layer]  # (H, D, D), (H, D)
             x = x + nn.functional.silu(torch.einsum("...hi,hoi->...ho", x, w) + b)
         return x
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., H, V) logits of every head."""
-        return torch.einsum("...hd,hvd->...hv", self.hidden(h), self.out_weight)
+    def forward(self, h: torch.Tensor, roots: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) states [and (...) root ids, read only by root_token heads] -> (..., H, V) logits of every head."""
+        return torch.einsum("...hd,hvd->...hv", self.hidden(h, roots), self.out_weight)
 
     # ----- artifacts -----
     def save_pretrained(self, directory: str | os.PathLike) -> None:

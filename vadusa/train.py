@@ -47,6 +47,7 @@ TRAINING_RECORD = "training.json"
 class TrainConfig:
     num_heads: int = 4  # H draft heads; head k predicts the token k+2 positions after the last accepted one
     num_layers: int = 1  # residual SiLU blocks per head
+    root_token: bool = True  # heads also read the root token x_{t+1} (vadusa.heads); False: plain Medusa heads
     mode: str = "frozen"  # "frozen": heads only on the cached states; "joint": peft LoRA on the base + heads
     loss: str = "kl"  # head loss: "kl" to the base's own distribution, "ce" on the sampled token
     temperature: float = 1.0  # sampling temperature of the base when building the cache
@@ -454,13 +455,14 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    heads = DraftHeads.from_model(model, config.num_heads, config.num_layers).float().train()
+    heads = DraftHeads.from_model(model, config.num_heads, config.num_layers, config.root_token).float().train()
     if config.init_heads:
         start = DraftHeads.from_pretrained(config.init_heads, model)
-        if (start.config.num_heads, start.config.num_layers) != (config.num_heads, config.num_layers):
+        have = (start.config.num_heads, start.config.num_layers, start.config.root_token)
+        if have != (config.num_heads, config.num_layers, config.root_token):
             raise ValueError(
-                f"init_heads {config.init_heads} has {start.config.num_heads} heads x {start.config.num_layers} layers,"
-                f" the config asks for {config.num_heads} x {config.num_layers}"
+                f"init_heads {config.init_heads} has (heads, layers, root_token) = {have},"
+                f" the config asks for {(config.num_heads, config.num_layers, config.root_token)}"
             )
         heads.load_state_dict(start.state_dict())
     cache = load_cache(cache_dir)
@@ -502,7 +504,7 @@ def train(
             states, rows = joint_batch(peft_model, cache, seqs)
             logits = split_model(peft_model.get_base_model())[1](states)  # (N, V)
             base_loss = soft_cross_entropy(logits, cache.teacher_probs[rows], cache.teacher_ids[rows]).mean()
-        losses, hits = head_losses(heads(states.float()), targets[rows], cache, config.loss)
+        losses, hits = head_losses(heads(states.float(), cache.gen[rows]), targets[rows], cache, config.loss)
         total = sum(w * lk for w, lk in zip(weights, losses, strict=True))
         if base_loss is not None:
             total = total + base_loss
@@ -552,7 +554,7 @@ def evaluate(heads: DraftHeads, cache: Cache, loss: str = "kl", batch: int = 409
     sums, hit_sums, counts = [0.0] * h, [0.0] * h, [0] * h
     for start in range(0, len(cache.gen), batch):
         rows = torch.arange(start, min(start + batch, len(cache.gen)))
-        losses, hits = head_losses(heads(cache.hidden[rows]), targets[rows], cache, loss)
+        losses, hits = head_losses(heads(cache.hidden[rows], cache.gen[rows]), targets[rows], cache, loss)
         for k in range(h):
             n = len(hits[k])
             sums[k] += float(losses[k]) * n
