@@ -294,9 +294,15 @@ def test_cli_end_to_end(tmp_path):
     ]  # fmt: skip
 
 
-def test_renewal_prediction_matches_the_engine(model_heads_report, tmp_path):
-    """Greedy decoding is deterministic, so the renewal model's tokens/step must equal the engine's exactly."""
+@pytest.mark.parametrize("root_token", [False, True])
+def test_renewal_prediction_matches_the_engine(model_heads_report, tmp_path, root_token):
+    """Greedy decoding is deterministic, so the renewal model's tokens/step must equal the engine's exactly.
+
+    With root-token heads this also checks that the accuracy tables feed each state the same root as the engine.
+    """
     model, heads, _ = model_heads_report
+    if root_token:
+        heads = fitted_heads(model, root_token=True)
     prompts = random_prompts(12, 7)
     report = accuracy.measure_accuracy(
         model, heads, prompts, rules=("greedy",), max_rank=3, max_new_tokens=80, states_path=tmp_path / "s.safetensors",
