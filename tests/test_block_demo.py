@@ -47,3 +47,16 @@ def test_shipped_adapter_decodes_several_units_per_pass(pipe, adapter_dir):
     greedy = build_decoder("block", pipe.model, pipe.directory, threshold=0.02, block_size=1)
     one = greedy(prompt, max_new_tokens=30, temperature=0, logits_processor=pipe.logits_processor)
     assert one.forward_passes == one.new_tokens == 30  # block size 1: one unit per pass
+
+
+def test_adapter_option_loads_the_same_student_as_assets(pipe, adapter_dir):
+    """`adapter=<dir>` (any adapter, e.g. an ablation) decodes exactly as the assets' block/ it points to."""
+    prompt = pipe.prompt(TEXT)
+    kwargs = dict(max_new_tokens=60, eos_token_id=pipe.eos_token_id, logits_processor=pipe.logits_processor)
+    by_assets = build_decoder("block", pipe.model, pipe.directory, threshold=0.05)
+    by_adapter = build_decoder("block", pipe.model, None, threshold=0.05, adapter=adapter_dir)
+    a = by_assets(prompt, generator=torch.Generator().manual_seed(3), **kwargs)
+    b = by_adapter(prompt, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(a.sequences, b.sequences) and a.forward_passes == b.forward_passes
+    with pytest.raises(ValueError, match="needs an adapter directory"):
+        build_decoder("block", pipe.model, None)

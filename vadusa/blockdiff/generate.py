@@ -147,20 +147,21 @@ def generate(
     return out
 
 
-def block_factory(model, assets=None, threshold: float = 0.02, block_size: int | None = None):
-    """The "block" entry of `vadusa.decoders`: the adapter in <assets>/block merged into a copy of `model`.
+def block_factory(model, assets=None, threshold: float = 0.02, block_size: int | None = None, adapter=None):
+    """The "block" entry of `vadusa.decoders`: a distilled adapter merged into a copy of `model`.
 
-    `block_size` defaults to the one the adapter was distilled for; `run(input_ids, **kw)` calls `generate`.
+    `adapter` is the adapter directory (default <assets>/block); `block_size` defaults to the one it was
+    distilled for; `run(input_ids, **kw)` calls `generate`.
     """
     from pathlib import Path
 
     from .student import load_student
 
-    if assets is None:
-        raise ValueError("decoder 'block' needs assets: a directory holding block/ (the distilled adapter)")
+    if adapter is None and assets is None:
+        raise ValueError("decoder 'block' needs an adapter directory, or assets holding block/ (the distilled adapter)")
     if block_size is not None:
         check_block_options(block_size, threshold)
-    student, config = load_student(model, Path(assets) / "block")
+    student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
     check_block_options(block_size, threshold)
     return lambda input_ids, **kw: generate(student, input_ids, block_size=block_size, threshold=threshold, **kw)
