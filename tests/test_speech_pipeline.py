@@ -132,11 +132,12 @@ def test_shipped_pipeline_speaks_a_known_sentence():
     seconds = len(wav) / sr
     assert out.tokens[-1].item() == pipe.eos_token_id  # it stopped on its own
     assert 2.0 < seconds < 6.0, seconds  # espeak-ng says it in about 3.5 s at the default rate
-    assert pipe.cer(wav, sr, text) < 0.5
+    assert pipe.cer(wav, sr, text) < 0.2
     assert pipe.voices == ["us_male", "us_female", "gb_male"]
 
 
 @shipped
 def test_shipped_weights_fit_the_budget():
-    size = sum(f.stat().st_size for sub in ("lm", "codec", "judge") for f in (DEMO_DIR / sub).rglob("*") if f.is_file())
-    assert size < 25e6, size
+    """Everything shipped for the demo (lm, codec, judge, heads, block adapter) stays within 30 MB."""
+    size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
+    assert size <= 30e6, size
