@@ -14,6 +14,11 @@ The prefix is never recomputed; a completed block rides along with the next bloc
 it costs no forward of its own. At block size 1 this is auto-regressive decoding (test: temperature 0
 gives greedy `generate_ar`'s tokens). The mask token is never sampled. Logits processors see the
 emitted prefix as history (for targets after undecided ones inside a block, it lacks the block's own).
+
+Teacher prefix (`block_teacher_prefix` adapters, masks.py): the commit is the completed block's targets,
+run causally through the base's weights (the cache is generate_ar's own); the commit's last row is the
+base's prediction of target p, drawn and kept at the block's first forward like an auto-regressive
+step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1 .. p+n-1.
 """
 
 import torch
@@ -46,16 +51,16 @@ def block_probs(logits, history, processor, temperature: float, top_k: int | Non
     return torch.softmax(scores, dim=-1)
 
 
-def sample_and_select(probs, temperature: float, threshold: float, generator):
+def sample_and_select(probs, temperature: float, threshold: float, generator, keep: int | None = None):
     """(k, V) probs -> (tokens (k,), chosen (k,) bool): draw every row, keep rows whose draw has prob >= threshold.
 
-    The most confident row is always kept, so every forward decides at least one target.
+    Row `keep` (default: the most confident row) is always kept, so every forward decides at least one target.
     """
     greedy = temperature == 0
     tokens = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]  # (k,)
     confidence = probs.gather(-1, tokens[:, None])[:, 0]  # (k,)
     chosen = confidence >= threshold
-    chosen[confidence.argmax()] = True
+    chosen[confidence.argmax() if keep is None else keep] = True
     return tokens, chosen
 
 
@@ -74,12 +79,13 @@ def generate(
     top_k: int | None = None,
     mask_token_id: int | None = None,
     causal_clean: bool | None = None,
+    teacher_prefix: bool | None = None,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
-    `mask_token_id` and `causal_clean` (how a completed block is committed: causally, or bidirectionally
-    within the block, as in training) default to `model.config.mask_token_id` / `block_causal_clean`,
-    set by `load_student`. `accepted_lengths`
+    `mask_token_id`, `causal_clean` (how a completed block is committed: causally, or bidirectionally
+    within the block, as in training) and `teacher_prefix` (see above) default to the model config's
+    `mask_token_id` / `block_causal_clean` / `block_teacher_prefix`, set by `load_student`. `accepted_lengths`
     holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
     keys and values are not an auto-regressive cache to continue from.
     """
@@ -93,13 +99,17 @@ def generate(
         )
     if causal_clean is None:
         causal_clean = bool(getattr(model.config, "block_causal_clean", False))
+    if teacher_prefix is None:
+        teacher_prefix = bool(getattr(model.config, "block_teacher_prefix", False))
+    split = getattr(model, "base_tokens", None)  # a teacher-prefix student's TwoWayLinear switch
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
     d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer)
     device, dtype = model.device, out_layer.weight.dtype
     seq = d.seq[0]  # (capacity,) prompt + decided tokens (decided-but-not-emitted ones sit past d.length)
+    shift = 0 if teacher_prefix else 1  # the window starts at input p - shift
 
-    commit, causal_commit = d.prompt[0, :-1], True  # the prefill: the prompt before its last token
+    commit, causal_commit = (d.prompt[0] if teacher_prefix else d.prompt[0, :-1]), True  # the prefill
     while not d.done:
         p = d.length  # first target of this block
         n = min(block_size, d.max_new_tokens - (p - d.prompt_len))  # block shrinks at the budget
@@ -108,23 +118,32 @@ def generate(
         emitted = 0  # targets of this block already emitted
         while emitted < n:
             past = d.cache.get_seq_length()
-            window = seq[p - 1 : p - 1 + n]  # (n,) inputs: x_{p-1}, then the block's targets but the last
-            ids = torch.cat([commit, window])[None]  # (1, c + n)
-            mask = decoding_mask(past, len(commit), n, causal_commit, dtype).to(device)
+            window = seq[p - shift : p - 1 + n]  # (n - 1 + shift,) inputs up to the block's last target but one
+            ids = torch.cat([commit, window])[None]  # (1, c + w)
+            mask = decoding_mask(past, len(commit), len(window), causal_commit, dtype).to(device)
             positions = torch.arange(past, past + ids.shape[1], device=device)[None]
+            if split is not None:
+                split.count = len(commit) if teacher_prefix else 0
             hidden = body(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=d.cache, use_cache=True
-            ).last_hidden_state[0, len(commit) :]  # (n, D)
-            d.cache.crop(-n)  # keep the commit, drop the window
-            commit = commit[:0]
+            ).last_hidden_state[0, max(0, p - 1 - past) :]  # (r, D) rows of inputs p-1 ... p+n-2: targets n-r .. n-1
+            if len(window):
+                d.cache.crop(-len(window))  # keep the commit, drop the window
             first_pass = d.forward_passes == 0
             d.forward_passes += 1
+            teacher_row = teacher_prefix and len(commit) > 0  # this forward draws target p from the base
+            commit = commit[:0]
 
-            todo = (~decided).nonzero()[:, 0]  # (k,) undecided slots
+            todo = (~decided).nonzero()[:, 0]  # (k,) undecided slots, all >= n - r
             probs = block_probs(
-                out_layer(hidden[todo]), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id
+                out_layer(hidden[todo - (n - hidden.shape[0])]),
+                d.seq[:, : d.length],
+                processor,
+                temperature,
+                top_k,
+                mask_token_id,
             )  # (k, V)
-            tokens, chosen = sample_and_select(probs, temperature, threshold, generator)
+            tokens, chosen = sample_and_select(probs, temperature, threshold, generator, 0 if teacher_row else None)
             slots = todo[chosen]
             seq[p + slots] = tokens[chosen]
             decided[slots] = True
@@ -141,7 +160,7 @@ def generate(
             if ready > emitted:
                 d.emit(seq[p + emitted : p + ready].tolist())
                 emitted = ready
-        commit, causal_commit = seq[p - 1 : p - 1 + n].clone(), causal_clean
+        commit, causal_commit = seq[p - shift : p - shift + n].clone(), causal_clean or teacher_prefix
     out = d.output()
     out.cache = None
     return out

@@ -13,6 +13,14 @@ copy holding positions s .. T-2 (some tokens replaced by the mask token):
     noised -> clean     noised block k sees the clean prompt and the clean blocks < k
     noised -> noised    only its own block of its own copy, bidirectionally
     clean  -> noised    never
+Teacher-prefix layout (`teacher_prefix`): the clean sequence is run by the base itself (LoRA off,
+causal), so its keys and values are exactly the auto-regressive cache, and block k holds the targets
+p .. p+B-1 with p = prompt_len + kB. Target p is the teacher's own prediction (read at clean row p-1);
+the student's window is the B-1 inputs y_p .. y_{p+B-2} (any of them masked), predicting p+1 .. p+B-1.
+The student's rows then attend to keys [clean (the teacher's cache) ; noised copies]:
+    noised -> clean     window k sees the clean positions < p (the cache as decoding has it)
+    noised -> noised    only its own window of its own copy, bidirectionally
+
 Decoding: the cache holds everything before the current block's first input; one forward carries an
 optional `commit` segment (the completed previous block, or the prompt at prefill) and the `draft`
 window (the current block): commit sees the cache and itself (causal for the prompt, bidirectional for
@@ -108,3 +116,42 @@ def decoding_visibility(past: int, commit: int, draft: int, causal_commit: bool)
 def decoding_mask(past: int, commit: int, draft: int, causal_commit: bool, dtype: torch.dtype) -> torch.Tensor:
     """(1, 1, commit + draft, past + commit + draft) additive mask of one decoding forward."""
     return additive(decoding_visibility(past, commit, draft, causal_commit), dtype)[None, None]
+
+
+def prefix_layout(prompt_len: int, length: int, block_size: int, noised_size: int):
+    """Teacher-prefix noised copy: (position (G,), window (G,), valid (G,)) of its slots, slot j at position
+    prompt_len + j; a slot is a student input if it is not a block's last target and its target exists."""
+    if not 1 <= prompt_len < length or length - prompt_len - 1 > noised_size:
+        raise ValueError(f"bad layout: prompt_len={prompt_len}, length={length}, noised_size={noised_size}")
+    j = torch.arange(noised_size)
+    valid = (j % block_size < block_size - 1) & (prompt_len + j < length - 1)
+    return prompt_len + j, j // block_size, valid
+
+
+def prefix_training_visibility(
+    prompt_len: int, length: int, block_size: int, clean_size: int, noised_size: int, copies: int = 1
+) -> torch.Tensor:
+    """(copies * G, clean_size + copies * G) boolean visibility of the teacher-prefix student rows (G = noised_size).
+
+    Keys are the clean sequence (the teacher's cache) then the noised copies; invalid slots (a block's last
+    target, padding) see only themselves and are seen by no one.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    position, window, valid = prefix_layout(prompt_len, length, block_size, noised_size)
+    clean_pos = torch.arange(clean_size)
+    first_target = prompt_len + window * block_size  # (G,) position of the window's teacher-drawn target
+    sees_clean = (clean_pos[None, :] < first_target[:, None]) & (clean_pos < length)[None, :]  # (G, S)
+    own = (window[:, None] == window[None, :]) & valid[None, :]  # (G, G)
+    eye = torch.eye(copies * noised_size, dtype=torch.bool)
+    noised = torch.block_diag(*[own] * copies) | eye
+    return torch.cat([sees_clean.repeat(copies, 1), noised], dim=1)
+
+
+def prefix_training_mask(
+    prompt_len: int, length: int, block_size: int, clean_size: int, noised_size: int, copies: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # fmt: skip
+    """(1, copies * G, clean_size + copies * G) additive mask of one teacher-prefix sample."""
+    visible = prefix_training_visibility(prompt_len, length, block_size, clean_size, noised_size, copies)
+    return additive(visible, dtype)[None]

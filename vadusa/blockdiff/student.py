@@ -22,7 +22,11 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
 
 CONFIG_NAME = "block_config.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -43,15 +47,20 @@ class BlockConfig:
     vocab_size: int  # the base's vocabulary size
     base_fingerprint: str  # base_fingerprint(base) at training time; checked on load
     causal_clean: bool = False  # committed blocks attend causally (else bidirectionally within the block)
+    teacher_prefix: bool = False  # the base runs the prefix (LoRA off): its cache and each block's first target
     training: dict = field(default_factory=dict)  # how the adapter was made (config, steps, tokens seen)
 
     @classmethod
-    def for_model(cls, model, mask_token_id: int | None, block_size: int, causal_clean: bool = False) -> "BlockConfig":
+    def for_model(
+        cls, model, mask_token_id: int | None, block_size: int, causal_clean: bool = False, teacher_prefix: bool = False
+    ) -> "BlockConfig":
         vocab = model.get_input_embeddings().weight.shape[0]
         check_mask_token(mask_token_id, vocab)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        return cls(int(mask_token_id), int(block_size), int(vocab), base_fingerprint(model), bool(causal_clean))
+        return cls(
+            int(mask_token_id), int(block_size), int(vocab), base_fingerprint(model), bool(causal_clean), teacher_prefix
+        )
 
     def save(self, directory: Path) -> None:
         tmp = Path(directory) / (CONFIG_NAME + ".tmp")
@@ -120,14 +129,61 @@ def check_adapter(model, directory: Path) -> BlockConfig:
 
 
 def load_student(model, directory: str | os.PathLike):
-    """(merged student, BlockConfig): the adapter in `directory` merged into a copy of `model` (left untouched).
+    """(student, BlockConfig): the adapter in `directory` merged into a copy of `model` (left untouched).
 
-    The merged model is a plain transformers model of the base's class (same speed per forward); its
-    config carries `mask_token_id` and `block_causal_clean`, which `vadusa.blockdiff.generate` reads.
+    The student is a plain transformers model of the base's class (same speed per forward); its config
+    carries `mask_token_id`, `block_causal_clean` and `block_teacher_prefix`, which
+    `vadusa.blockdiff.generate` reads. In a teacher-prefix student every adapted layer is a
+    `TwoWayLinear`: the leading `student.base_tokens.count` tokens of a forward go through the base alone.
     """
     config = check_adapter(model, Path(directory))
-    base = copy.deepcopy(model)
-    merged = PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(directory))
+    two_way = {}
+    if config.teacher_prefix:
+        split = BaseTokens()
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, LoraLinear):
+                a = module.lora_A["default"].weight.detach()  # (r, in)
+                b = module.lora_B["default"].weight.detach() * module.scaling["default"]  # (out, r)
+                two_way[name] = TwoWayLinear(module.base_layer, a, b, split)
+    merged = peft_model.merge_and_unload()
+    for name, layer in two_way.items():
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent), child, layer)
+    if two_way:
+        merged.base_tokens = split
     merged.config.mask_token_id = config.mask_token_id
     merged.config.block_causal_clean = config.causal_clean
+    merged.config.block_teacher_prefix = config.teacher_prefix
     return merged.eval().requires_grad_(False), config
+
+
+class BaseTokens:
+    """Shared by a student's `TwoWayLinear` layers: how many leading tokens of the next forward are the base's."""
+
+    count: int = 0
+
+
+class TwoWayLinear(nn.Module):
+    """A linear layer that is the base for the first `split.count` tokens of its (N, T, D) input and the
+    student (base + LoRA) for the rest. One base matmul plus the low-rank update on the student's tokens:
+    reading a second full weight matrix instead costs more on a CPU (measured on the demo LM)."""
+
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, split: BaseTokens):
+        super().__init__()
+        weight = base.weight.detach()  # (out, in)
+        self.base_weight = nn.Parameter(weight.clone(), requires_grad=False)  # (out, in)
+        self.weight = nn.Parameter(weight + lora_b @ lora_a, requires_grad=False)  # (out, in) merged student
+        self.lora_a = nn.Parameter(lora_a.clone(), requires_grad=False)  # (r, in)
+        self.lora_b = nn.Parameter(lora_b.clone(), requires_grad=False)  # (out, r), scaling folded in
+        self.bias = base.bias  # (out,) or None: the LoRA leaves it alone
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, in) -> (N, T, out)
+        c = self.split.count
+        if c <= 0:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.base_weight, self.bias)
+        if c < x.shape[-2]:
+            y[..., c:, :] += F.linear(F.linear(x[..., c:, :], self.lora_a), self.lora_b)
+        return y

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .loss import generalized_jsd
-from .masks import training_mask
+from .masks import prefix_layout, prefix_training_mask, training_mask
 from .student import BlockConfig, make_student, save_adapter
 
 
@@ -55,7 +55,8 @@ class TrainConfig:
     target_modules: str = "all-linear"  # peft target modules ("all-linear" or comma-separated names)
     beta: float = 0.5  # generalised-JSD teacher weight: 0 forward KL, 1 reverse KL, 0.5 symmetric (loss.py)
     complementary: bool = True  # add the complementary-mask copy of every sample
-    causal_clean: bool = False  # clean copy causal (the teacher's own cache) instead of block-causal
+    causal_clean: bool = False  # clean copy causal instead of block-causal (still read through the LoRA)
+    teacher_prefix: bool = False  # the base itself runs the prefix and draws each block's first target (masks.py)
     anneal_fraction: float = 0.3  # fraction of progress spent annealing (0: start at the final setting)
     start_block_size: int = 2  # block size at the start of annealing (1 is the teacher itself: zero loss, see doc)
     ratio_start: tuple[float, float] = (0.1, 0.5)  # per-block mask-ratio window U[lo, hi] at the start
@@ -112,21 +113,30 @@ def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
 
 
 def sample_masks(gen_len: int, stage: Stage, generator) -> torch.Tensor:
-    """(gen_len,) bool: which noised inputs s + j are masked. Slot 0 of each block (a known token) never is.
+    """(gen_len,) bool: which noised inputs s + j are masked. Slot 0 of each block (a known token) never is."""
+    maskable = torch.arange(gen_len) % stage.block_size > 0
+    return sample_block_masks(maskable, stage, generator)
+
+
+def sample_block_masks(maskable: torch.Tensor, stage: Stage, generator) -> torch.Tensor:
+    """(G,) bool over slots cut into blocks of `stage.block_size`: which `maskable` slots are masked.
 
     Per block: a ratio r ~ U[lo, hi] and a count of Bernoulli(r) draws over its maskable slots; with
-    probability p_anywhere the draws themselves are the mask, else the same count sits at the block's end.
+    probability p_anywhere the draws themselves are the mask, else the same count sits on the block's
+    last maskable slots (a suffix, as auto-regression leaves them).
     """
-    b = stage.block_size
-    j = torch.arange(gen_len)
-    offset, block = j % b, j // b
+    gen_len, b = maskable.shape[0], stage.block_size
+    block = torch.arange(gen_len) // b  # (G,)
     blocks = int(block[-1]) + 1
     lo, hi = stage.ratio
     ratio = lo + (hi - lo) * torch.rand(blocks, generator=generator)  # (blocks,)
-    draws = (torch.rand(gen_len, generator=generator) < ratio[block]) & (offset > 0)  # (G,)
+    draws = (torch.rand(gen_len, generator=generator) < ratio[block]) & maskable  # (G,)
     count = torch.zeros(blocks, dtype=torch.long).index_add_(0, block, draws.long())  # (blocks,)
-    block_len = torch.clamp(gen_len - block * b, max=b)  # (G,) length of each slot's block
-    suffix = (block_len - 1 - offset < count[block]) & (offset > 0)
+    total = torch.zeros(blocks, dtype=torch.long).index_add_(0, block, maskable.long())  # (blocks,)
+    seen = maskable.long().cumsum(0)  # (G,) maskable slots up to and including j
+    first = (seen - maskable.long())[torch.arange(blocks) * b]  # (blocks,) maskable slots before each block
+    rank = seen - first[block] - 1  # (G,) index of a maskable slot among its block's maskable slots
+    suffix = maskable & (total[block] - 1 - rank < count[block])
     anywhere = torch.rand(blocks, generator=generator) < stage.p_anywhere  # (blocks,)
     return torch.where(anywhere[block], draws, suffix)
 
@@ -151,12 +161,16 @@ class Batch:
     teacher_rows: torch.Tensor  # (M,) flat indices into (N * S) of the teacher rows they are compared with
     targets: int = 0  # generated tokens in the batch
     inputs: int = 0  # non-padding input tokens of the student
+    teacher_prefix: bool = False  # ids are the noised copies alone, attending to the teacher's cache of `clean`
 
 
 def make_batch(
-    seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32, causal_clean=False
-) -> Batch:
+    seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32, causal_clean=False,
+    teacher_prefix=False,
+) -> Batch:  # fmt: skip
     """seqs: list of (ids (T,), prompt_len). Right-padded with the mask token (padding is never visible)."""
+    if teacher_prefix:
+        return make_prefix_batch(seqs, stage, complementary, mask_token_id, generator, dtype)
     copies = 2 if complementary else 1
     clean_size = max(len(ids) for ids, _ in seqs)
     noised_size = max(len(ids) - p for ids, p in seqs)
@@ -190,20 +204,64 @@ def make_batch(
     )
 
 
-def teacher_logits(student, clean: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(N, S, V) the base's causal logits (LoRA disabled); outside the top-k -> -inf when top_k > 0."""
+def make_prefix_batch(seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32):
+    """The teacher-prefix batch (masks.py): ids are the noised copies of each block's window, right-padded."""
+    copies, b = (2 if complementary else 1), stage.block_size
+    clean_size = max(len(ids) for ids, _ in seqs)
+    noised_size = max(1, max(len(ids) - p - 1 for ids, p in seqs))
+    width = copies * noised_size
+    clean = torch.full((len(seqs), clean_size), mask_token_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), mask_token_id, dtype=torch.long)
+    positions = torch.zeros(len(seqs), width, dtype=torch.long)
+    masks, rows, teacher_rows, inputs = [], [], [], 0
+    for i, (seq, p) in enumerate(seqs):
+        length = len(seq)
+        clean[i, :length] = seq
+        position, _, valid = prefix_layout(p, length, b, noised_size)  # (G,) each
+        tokens = torch.full((noised_size,), mask_token_id, dtype=torch.long)
+        tokens[valid] = seq[position[valid]]
+        masked = sample_block_masks(valid, stage, generator)
+        valid_next = torch.cat([valid[1:], valid.new_zeros(1)])
+        for c, m in enumerate([masked, valid & ~masked][:copies]):
+            at = c * noised_size
+            ids[i, at : at + noised_size] = torch.where(m, mask_token_id, tokens)
+            positions[i, at : at + noised_size] = position
+            m_next = torch.cat([m[1:], m.new_zeros(1)])
+            slots = (valid & (~valid_next | m_next)).nonzero()[:, 0]  # (k,) slots whose target is unknown
+            rows.append(i * width + at + slots)
+            teacher_rows.append(i * clean_size + position[slots])  # the teacher's row for target position + 1
+        masks.append(prefix_training_mask(p, length, b, clean_size, noised_size, copies, dtype))
+        inputs += copies * int(valid.sum())
+    return Batch(
+        ids=ids,
+        positions=positions,
+        mask=torch.stack(masks),
+        clean=clean,
+        rows=torch.cat(rows),
+        teacher_rows=torch.cat(teacher_rows),
+        targets=sum(len(s) - p for s, p in seqs),
+        inputs=inputs,
+        teacher_prefix=True,
+    )
+
+
+def teacher_forward(student, clean: torch.Tensor, top_k: int, cache: bool = False):
+    """(logits (N, S, V), cache or None): the base's causal pass (LoRA disabled); outside the top-k -> -inf."""
     with torch.no_grad(), student.disable_adapter():
-        logits = student(input_ids=clean).logits.float()
+        out = student(input_ids=clean, use_cache=cache)
+    logits = out.logits.float()
     if top_k:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits
+    return logits, (out.past_key_values if cache else None)
 
 
 def batch_loss(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tensor:
     """Mean generalised JSD over the unknown targets of the batch."""
-    teacher = teacher_logits(student, batch.clean, top_k)
-    logits = student(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions).logits  # (N, L, V)
+    teacher, cache = teacher_forward(student, batch.clean, top_k, cache=batch.teacher_prefix)
+    logits = student(
+        input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, past_key_values=cache
+    ).logits  # (N, L, V)
     vocab = logits.shape[-1]
     s = logits.reshape(-1, vocab)[batch.rows]  # (M, V)
     t = teacher.reshape(-1, vocab)[batch.teacher_rows]  # (M, V)
@@ -220,7 +278,7 @@ def evaluate(student, held_out, cfg: TrainConfig, mask_token_id: int, dtype) -> 
     total, count = 0.0, 0
     for at in range(0, len(held_out), cfg.batch_size):
         group = held_out[at : at + cfg.batch_size]
-        batch = make_batch(group, final, True, mask_token_id, generator, dtype, cfg.causal_clean)
+        batch = make_batch(group, final, True, mask_token_id, generator, dtype, cfg.causal_clean, cfg.teacher_prefix)
         total += batch_loss(student, batch, cfg.beta, cfg.teacher_top_k).item() * len(batch.rows)
         count += len(batch.rows)
     student.train(was_training)
@@ -332,7 +390,9 @@ def train(
     """Distill `model` (wrapped in place with a LoRA) and save the adapter to <out_dir>/adapter; returns that path."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    block_config = BlockConfig.for_model(model, mask_token_id, cfg.block_size, cfg.causal_clean)  # of the bare base
+    block_config = BlockConfig.for_model(  # of the bare base
+        model, mask_token_id, cfg.block_size, cfg.causal_clean, cfg.teacher_prefix
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     model.eval().requires_grad_(False)
 
@@ -381,7 +441,14 @@ def train(
             order += torch.randperm(len(pool), generator=generator).tolist()
         picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
         batch = make_batch(
-            [pool[i] for i in picked], stage, cfg.complementary, mask_token_id, generator, dtype, cfg.causal_clean
+            [pool[i] for i in picked],
+            stage,
+            cfg.complementary,
+            mask_token_id,
+            generator,
+            dtype,
+            cfg.causal_clean,
+            cfg.teacher_prefix,
         )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state["step"], progress, cfg)
