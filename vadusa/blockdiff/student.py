@@ -12,6 +12,11 @@ size 1. The demo LM uses its `<pad>` id. Its input embedding stays frozen; the L
 Token shift: the student keeps the base's next-token alignment (the prediction for position i is read
 at position i - 1), so at block size 1 (no mask token in any window) and with the LoRA at its initial
 value (B = 0) the student is exactly the auto-regressive teacher.
+
+Teacher prefix (`BlockConfig.teacher_prefix`): the LoRA acts only on the current block's window; the
+committed prefix goes through the base's weights, so the KV cache is the base's own and each block's
+first target is drawn from the base's exact distribution. At block size 1 such a student decodes
+exactly like the base whatever its LoRA.
 """
 
 import copy
@@ -131,10 +136,10 @@ def check_adapter(model, directory: Path) -> BlockConfig:
 def load_student(model, directory: str | os.PathLike):
     """(student, BlockConfig): the adapter in `directory` merged into a copy of `model` (left untouched).
 
-    The student is a plain transformers model of the base's class (same speed per forward); its config
-    carries `mask_token_id`, `block_causal_clean` and `block_teacher_prefix`, which
-    `vadusa.blockdiff.generate` reads. In a teacher-prefix student every adapted layer is a
-    `TwoWayLinear`: the leading `student.base_tokens.count` tokens of a forward go through the base alone.
+    The student is a transformers model of the base's class; its config carries `mask_token_id`,
+    `block_causal_clean` and `block_teacher_prefix`, which `vadusa.blockdiff.generate` reads. In a
+    teacher-prefix student every adapted layer is a `TwoWayLinear`: the leading `student.base_tokens.count`
+    tokens of a forward go through the base alone.
     """
     config = check_adapter(model, Path(directory))
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(directory))
@@ -174,8 +179,8 @@ class TwoWayLinear(nn.Module):
         weight = base.weight.detach()  # (out, in)
         self.base_weight = nn.Parameter(weight.clone(), requires_grad=False)  # (out, in)
         self.weight = nn.Parameter(weight + lora_b @ lora_a, requires_grad=False)  # (out, in) merged student
-        self.lora_a = nn.Parameter(lora_a.clone(), requires_grad=False)  # (r, in)
-        self.lora_b = nn.Parameter(lora_b.clone(), requires_grad=False)  # (out, r), scaling folded in
+        self.lora_a = nn.Parameter(lora_a.t().contiguous(), requires_grad=False)  # (in, r)
+        self.lora_b = nn.Parameter(lora_b.t().contiguous(), requires_grad=False)  # (r, out), scaling folded in
         self.bias = base.bias  # (out,) or None: the LoRA leaves it alone
         self.split = split
 
@@ -183,7 +188,8 @@ class TwoWayLinear(nn.Module):
         c = self.split.count
         if c <= 0:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.base_weight, self.bias)
+        y = F.linear(x, self.base_weight, self.bias)  # (N, T, out)
         if c < x.shape[-2]:
-            y[..., c:, :] += F.linear(F.linear(x[..., c:, :], self.lora_a), self.lora_b)
+            for xn, yn in zip(x, y, strict=True):  # (T, in), (T, out): decoding has N = 1
+                yn[c:].addmm_(xn[c:] @ self.lora_a, self.lora_b)  # in place: the student's low-rank update
         return y

@@ -17,6 +17,10 @@
    Block size 1 (causal, no mask token) is where the student starts: it IS the teacher there, the loss
    is 0 and the gradients are float noise, which Adam would scale up to lr-sized random steps (measured:
    the loss drifted from 0 to 0.006 in 40 such steps). So the schedule starts at 2 (`start_block_size`).
+Teacher prefix (`teacher_prefix`, masks.py): the clean sequence runs once through the base (no gradient),
+giving the teacher's distributions and its KV cache; the student (LoRA on) runs only the noised copies of
+each block's window, attending to that cache. Each block's first target is the base's own, so the
+student learns only the targets after it (and a step costs ~0.6x: no backward through the clean copy).
 Progress is steps done / `steps`, or elapsed / `max_minutes` when that is larger (a time box).
 Checkpoints (adapter + optimizer + RNG state, safetensors, swapped in atomically) allow `resume`.
 """
