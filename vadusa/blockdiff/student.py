@@ -105,6 +105,8 @@ def save_adapter(student, config: BlockConfig, directory: str | os.PathLike) -> 
     (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card template
     adapter_config = json.loads((tmp / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = None  # no machine paths; block_config.json names the base
+    if isinstance(adapter_config.get("target_modules"), list):  # a set in peft: sorted for reproducible files
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     config.save(tmp)
     old = directory.with_name(directory.name + ".old")
