@@ -61,17 +61,3 @@ def test_adapter_option_loads_the_same_student_as_assets(pipe, adapter_dir):
     with pytest.raises(ValueError, match="needs an adapter directory"):
         build_decoder("block", pipe.model, None)
 
-
-def test_teacher_prefix_adapter_at_block_size_1_is_the_base(pipe, adapter_dir):
-    """A teacher-prefix adapter draws each block's first unit from the base: at block size 1 its sampled
-    units are generate_ar's, seed for seed, on the real demo LM."""
-    student, config = load_student(pipe.model, adapter_dir)
-    if not config.teacher_prefix:
-        pytest.skip("the shipped adapter has a block-causal prefix")
-    from vadusa import generate_ar
-    from vadusa.blockdiff import generate
-
-    prompt, kwargs = pipe.prompt(TEXT), dict(max_new_tokens=80, logits_processor=pipe.logits_processor)
-    ar = generate_ar(pipe.model, prompt, generator=torch.Generator().manual_seed(5), **kwargs)
-    out = generate(student, prompt, block_size=1, generator=torch.Generator().manual_seed(5), **kwargs)
-    assert torch.equal(out.sequences, ar.sequences)
