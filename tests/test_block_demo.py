@@ -60,4 +60,3 @@ def test_adapter_option_loads_the_same_student_as_assets(pipe, adapter_dir):
     assert torch.equal(a.sequences, b.sequences) and a.forward_passes == b.forward_passes
     with pytest.raises(ValueError, match="needs an adapter directory"):
         build_decoder("block", pipe.model, None)
-

@@ -109,7 +109,7 @@ def generate(
     seq = d.seq[0]  # (capacity,) prompt + decided tokens (decided-but-not-emitted ones sit past d.length)
     shift = 0 if teacher_prefix else 1  # the window starts at input p - shift
 
-    commit, causal_commit = (d.prompt[0] if teacher_prefix else d.prompt[0, :-1]), True  # the prefill
+    commit, causal_commit = d.prompt[0, : d.prompt_len - shift], True  # the prefill: inputs before the window
     while not d.done:
         p = d.length  # first target of this block
         n = min(block_size, d.max_new_tokens - (p - d.prompt_len))  # block shrinks at the budget

@@ -64,7 +64,12 @@ class BlockConfig:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         return cls(
-            int(mask_token_id), int(block_size), int(vocab), base_fingerprint(model), bool(causal_clean), teacher_prefix
+            int(mask_token_id),
+            int(block_size),
+            int(vocab),
+            base_fingerprint(model),
+            bool(causal_clean),
+            bool(teacher_prefix),
         )
 
     def save(self, directory: Path) -> None:
