@@ -29,7 +29,7 @@ from vadusa.bench import compare, read_texts, task_from_pipeline
 from vadusa.speech import TTSPipeline
 from vadusa.speech.stats import summary, text_stats
 
-DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size")  # passed to the decoder when set
+DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask")  # given to the decoder if set
 
 
 def parse_args(argv=None):
@@ -49,12 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size)")
+    g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size...)")
     g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
     g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
     g.add_argument("--tolerance", type=int, help="vadusa tolerance tau (draws from the base per node)")
     g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1]")
     g.add_argument("--block-size", type=int, help="block decoding block size")
+    g.add_argument("--unmask", choices=["any", "prefix"], help="block decoding: confident targets anywhere or a prefix")
     c = p.add_argument_group("A/B comparison")
     c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")
     c.add_argument("--configs", help="rows to compare (default: every shipped decoder and the key sweeps)")

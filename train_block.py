@@ -34,21 +34,32 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=cast, default=f.default)
 
 
-def demo_task(corpus: Path, lm_dir: Path):
-    """(model, prompts, mask id, eos id, logits processor) of the demo TTS: train-split prompts from the corpus."""
+def demo_items(corpus: Path | None, count: int) -> list[dict]:
+    """Train-split sentences with voice, rate and phonemes: from a built corpus, or (no corpus) the first
+    `count` train-split fortunes phonemized by espeak-ng here; the distillation needs no audio."""
+    from multiprocessing import Pool
+
+    from vadusa.speech.corpus import held_out_texts, text_item
+
+    if corpus is None:
+        with Pool(os.cpu_count()) as pool:
+            return pool.map(text_item, held_out_texts("train", count), chunksize=64)
+    items = [item for shard in sorted(corpus.glob("*.json")) for item in json.loads(shard.read_text())]
+    items = [item for item in items if item.get("split") == "train"]
+    if not items:
+        raise ValueError(f"no train-split sentences found in {corpus}/*.json")
+    return items
+
+
+def demo_task(corpus: Path | None, lm_dir: Path, count: int):
+    """(model, prompts, mask id, eos id, logits processor) of the demo TTS, prompts from `demo_items`."""
     from transformers import LlamaForCausalLM, LogitsProcessorList
 
     from vadusa.speech.lm import UnitsOnly, Vocab
 
     vocab = Vocab.load(lm_dir / "vocab.json")
     model = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
-    prompts = []
-    for shard in sorted(corpus.glob("*.json")):
-        for item in json.loads(shard.read_text()):
-            if item.get("split") == "train":
-                prompts.append(vocab.prompt_ids(item["phonemes"], item["voice"], item["rate"]))
-    if not prompts:
-        raise ValueError(f"no train-split sentences found in {corpus}/*.json")
+    prompts = [vocab.prompt_ids(item["phonemes"], item["voice"], item["rate"]) for item in demo_items(corpus, count)]
     processor = LogitsProcessorList([UnitsOnly(vocab.unit_offset, vocab.num_units, vocab.eos, len(vocab))])
     return model, prompts, vocab.pad, vocab.eos, processor
 
@@ -56,9 +67,11 @@ def demo_task(corpus: Path, lm_dir: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--demo", action="store_true", help="the demo codec LM, prompts from --corpus")
+    source.add_argument("--demo", action="store_true", help="the demo codec LM, train-split prompts")
     source.add_argument("--model", type=Path, help="a transformers causal LM directory")
-    parser.add_argument("--corpus", type=Path, help="demo corpus directory (shard-*.json with a split field)")
+    parser.add_argument(
+        "--corpus", type=Path, help="a built demo corpus (shard-*.json); default: phonemize train-split fortunes"
+    )
     parser.add_argument("--lm-dir", type=Path, default=Path(__file__).parent / "vadusa/assets/demo/lm")
     parser.add_argument("--prompts", type=Path, help="with --model: JSON list of prompt token-id lists")
     parser.add_argument("--mask-token-id", type=int, help="with --model: a reserved id used as the mask token")
@@ -71,9 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.demo:
-        if args.corpus is None:
-            parser.error("--demo needs --corpus")
-        model, prompts, mask_id, eos_id, processor = demo_task(args.corpus, args.lm_dir)
+        model, prompts, mask_id, eos_id, processor = demo_task(args.corpus, args.lm_dir, args.pool_size)
     else:
         if args.prompts is None:
             parser.error("--model needs --prompts")

@@ -12,6 +12,7 @@ import vadusa
 from tests.conftest import TEST_PROMPT, tiny_llama
 from vadusa.blockdiff import generalized_jsd, generate, load_student, make_student, save_adapter
 from vadusa.blockdiff.masks import (
+    MaskBuffer,
     decoding_mask,
     decoding_visibility,
     prefix_training_mask,
@@ -100,6 +101,18 @@ def test_decoding_mask_matches_brute_force(past, commit, draft, causal):
     assert torch.equal(decoding_visibility(past, commit, draft, causal), expected)
     mask = decoding_mask(past, commit, draft, causal, torch.float32)
     assert mask.shape == (1, 1, n, past + n) and torch.equal(mask[0, 0] == 0, expected)
+
+
+def test_mask_buffer_equals_decoding_mask():
+    """Masks cut from the shared buffer equal fresh ones, call after call, as the prefix grows and shrinks."""
+    masks = MaskBuffer(8, 40, torch.float32)
+    calls = [(5, 0, 4, False), (5, 4, 4, True), (9, 0, 4, False), (9, 3, 1, False), (2, 0, 8, False),
+             (30, 4, 4, False), (0, 12, 4, True), (39, 0, 1, False)]  # fmt: skip
+    for past, commit, draft, causal in calls:
+        got = masks.take(past, commit, draft, causal)
+        assert torch.equal(got, decoding_mask(past, commit, draft, causal, torch.float32))
+        masks.clear()
+    assert not masks.buffer.any()
 
 
 @pytest.mark.parametrize("causal_clean", [False, True])
@@ -262,6 +275,57 @@ def test_block_decoding_stops_exactly(block_size, threshold):
     assert many.new_tokens == 64 and many.forward_passes < 40  # a low threshold decides several tokens per pass
 
 
+def reference_block_decode(model, prompt, block_size: int, threshold: float, max_new_tokens: int, prefix=False):
+    """Greedy block decoding with no cache: every forward reruns the whole sequence under a brute-force mask
+    (prompt causal; from the prompt's last token on, blocks of `block_size` inputs, each seeing everything
+    before it and itself). The rules of `generate` at temperature 0, written out slot by slot."""
+    seq, start = list(prompt), len(prompt) - 1
+    while len(seq) - len(prompt) < max_new_tokens:
+        p = len(seq)
+        n = min(block_size, max_new_tokens - (p - len(prompt)))
+        values = [None] * n
+        while None in values:
+            ids = seq[: p - 1] + [seq[p - 1]] + [MASK if v is None else v for v in values[: n - 1]]
+            group = [i if i < start else len(seq) + (i - start) // block_size for i in range(len(ids))]
+            visible = torch.tensor([[k <= q if k < start else group[k] <= group[q] for k in range(len(ids))]
+                                    for q in range(len(ids))])  # fmt: skip
+            mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), attention_mask=mask[None, None]).logits[0, p - 1 :]  # (n, V)
+            logits[:, MASK] = float("-inf")
+            probs = torch.softmax(logits, -1)
+            confidence, tokens = probs.max(-1)
+            todo = [j for j in range(n) if values[j] is None]
+            best = todo[0] if prefix else max(todo, key=lambda j: confidence[j])
+            for j in todo:
+                if confidence[j] >= threshold or j == best:
+                    values[j] = int(tokens[j])
+                elif prefix:  # only the leading run of confident targets
+                    break
+        seq += values
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("unmask", ["any", "prefix"])
+@pytest.mark.parametrize("block_size,threshold", [(2, 0.5), (4, 0.9), (4, 0.05), (3, 0.3)])
+def test_block_decoding_equals_a_no_cache_reference(block_size, threshold, unmask):
+    """The cached decoder (commits fused into the next forward, or skipped when the last window was already
+    clean) decodes exactly what full recomputation under the block-causal mask decodes."""
+    model = sharp_llama(seed=3)
+    model.config.mask_token_id = MASK
+    rows = []
+    count = lambda module, args, kw: rows.append(kw["input_ids"].shape[1])  # noqa: E731
+    hook = model.model.register_forward_pre_hook(count, with_kwargs=True)
+    out = generate(model, torch.tensor([TEST_PROMPT]), block_size, threshold, temperature=0, max_new_tokens=37,
+                   unmask=unmask)  # fmt: skip
+    hook.remove()
+    expected = reference_block_decode(model, TEST_PROMPT, block_size, threshold, 37, prefix=unmask == "prefix")
+    assert out.tokens.tolist() == expected
+    blocks, fused = math.ceil(37 / block_size), sum(r > block_size for r in rows[1:])  # passes with a commit
+    if threshold >= 0.5:  # one target at a time, left to right: most completed windows were clean
+        assert fused < blocks - 1
+
+
 def test_streamer_gets_every_token_once():
     class Collect:
         def __init__(self):
@@ -336,6 +400,25 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_warm_start_begins_at_the_initial_adapter(tmp_path):
+    """`init_adapter`: the new run's step-0 evaluation is the first run's final one (same pool, same held-out)."""
+    first = TrainConfig(out_dir=str(tmp_path / "a"), block_size=2, steps=4, batch_size=4, pool_size=12,
+                        max_new_tokens=10, eval_sequences=4, eval_every=100, progress=False)  # fmt: skip
+    adapter = train(sharp_llama(), prompts(12), first, mask_token_id=MASK, eos_token_id=EOS)
+    from vadusa.blockdiff.train import read_log
+
+    second = TrainConfig(**{**first.__dict__, "out_dir": str(tmp_path / "b"), "init_adapter": str(adapter)})
+    train(sharp_llama(), prompts(12), second, mask_token_id=MASK, eos_token_id=EOS)
+    end_of_first, start_of_second = read_log(tmp_path / "a")[-1], read_log(tmp_path / "b")[0]
+    assert start_of_second["step"] == 0 and end_of_first["step"] == 4
+    assert start_of_second["eval_loss"] == pytest.approx(end_of_first["eval_loss"], rel=1e-5)
+    assert abs(read_log(tmp_path / "a")[0]["eval_loss"] - start_of_second["eval_loss"]) > 1e-3  # not a fresh LoRA
+    with pytest.raises(ValueError, match="rank"):
+        train(sharp_llama(), prompts(12), TrainConfig(**{**second.__dict__, "rank": 4}), MASK, EOS)
+    with pytest.raises(ValueError, match="another base"):
+        train(sharp_llama(seed=5), prompts(12), second, MASK, EOS)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """An adapter for tiny_llama(seed 0) in <assets>/block, with a non-zero LoRA."""
@@ -376,6 +459,12 @@ def test_decoder_registry_entry(assets):
 def test_bad_threshold(threshold):
     with pytest.raises(ValueError, match="threshold"):
         generate(base_with_mask(), torch.tensor([TEST_PROMPT]), 4, threshold, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("unmask", ["first", None, "Prefix"])
+def test_bad_unmask_rule(unmask):
+    with pytest.raises(ValueError, match="unmask"):
+        generate(base_with_mask(), torch.tensor([TEST_PROMPT]), 4, 0.02, max_new_tokens=5, unmask=unmask)
 
 
 @pytest.mark.parametrize("block_size", [0, -2, 1.5])

@@ -7,13 +7,18 @@ undecided) and the output at window slot j is the prediction for target p + j. E
     1. runs [commit ; window]: the commit is the previous, completed window (or the prompt at prefill),
        written to the cache once and kept; the window's cache entries are dropped again,
     2. samples every undecided target and unmasks all whose sampled probability >= threshold, and
-       always the most confident one,
+       always the most confident one (`unmask="any"`, Fast-dLLM's rule); or only the leading run of them
+       from the first undecided target on, which is always unmasked (`unmask="prefix"`: the block's
+       decided targets then always form a prefix, as in speculative decoding),
     3. emits the decided prefix of the block (streaming), shrinks the block at an EOS or the budget.
 
 The prefix is never recomputed; a completed block rides along with the next block's first forward, so
-it costs no forward of its own. At block size 1 this is auto-regressive decoding (test: temperature 0
-gives greedy `generate_ar`'s tokens). The mask token is never sampled. Logits processors see the
-emitted prefix as history (for targets after undecided ones inside a block, it lacks the block's own).
+it costs no forward of its own; and when the block's last forward had no mask token among its inputs
+(block-causal students), that forward's keys and values are the commit's, kept, and the commit is not
+run at all (test: the same tokens as a no-cache reference). At block size 1 this is auto-regressive
+decoding (test: temperature 0 gives greedy `generate_ar`'s tokens). The mask token is never sampled.
+Logits processors see the emitted prefix as history (for targets after undecided ones inside a block, it
+lacks the block's own).
 
 Teacher prefix (`block_teacher_prefix` adapters, masks.py): the commit is the completed block's targets,
 run causally through the base's weights (the cache is generate_ar's own); the commit's last row is the
@@ -24,14 +29,18 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 import torch
 
 from ..generate import GenerationOutput, _Decoding, as_processor, split_model
-from .masks import decoding_mask
+from .masks import MaskBuffer
+
+UNMASK_RULES = ("any", "prefix")
 
 
-def check_block_options(block_size, threshold) -> None:
+def check_block_options(block_size, threshold, unmask="any") -> None:
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     if not isinstance(threshold, int | float) or not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if unmask not in UNMASK_RULES:
+        raise ValueError(f"unmask must be one of {UNMASK_RULES}, got {unmask!r}")
 
 
 def block_probs(logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int) -> torch.Tensor:
@@ -51,16 +60,22 @@ def block_probs(logits, history, processor, temperature: float, top_k: int | Non
     return torch.softmax(scores, dim=-1)
 
 
-def sample_and_select(probs, temperature: float, threshold: float, generator, keep: int | None = None):
-    """(k, V) probs -> (tokens (k,), chosen (k,) bool): draw every row, keep rows whose draw has prob >= threshold.
+def sample_and_select(
+    probs, temperature: float, threshold: float, generator, keep: int | None = None, prefix: bool = False
+):
+    """(k, V) probs of the undecided targets in order -> (tokens (k,), chosen (k,) bool): draw every row, keep
+    rows whose draw has prob >= threshold.
 
-    Row `keep` (default: the most confident row) is always kept, so every forward decides at least one target.
+    Row `keep` (default: the most confident row; with `prefix`, row 0) is always kept, so every forward decides
+    at least one target. With `prefix` only the leading run of kept rows is kept.
     """
     greedy = temperature == 0
     tokens = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]  # (k,)
     confidence = probs.gather(-1, tokens[:, None])[:, 0]  # (k,)
     chosen = confidence >= threshold
-    chosen[confidence.argmax() if keep is None else keep] = True
+    chosen[keep if keep is not None else 0 if prefix else confidence.argmax()] = True
+    if prefix:
+        chosen = chosen.cumprod(0).bool()
     return tokens, chosen
 
 
@@ -80,6 +95,7 @@ def generate(
     mask_token_id: int | None = None,
     causal_clean: bool | None = None,
     teacher_prefix: bool | None = None,
+    unmask: str = "any",
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
@@ -89,7 +105,7 @@ def generate(
     holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
     keys and values are not an auto-regressive cache to continue from.
     """
-    check_block_options(block_size, threshold)
+    check_block_options(block_size, threshold, unmask)
     mask_token_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     vocab = model.get_input_embeddings().weight.shape[0]
     if mask_token_id is None or not 0 <= int(mask_token_id) < vocab:
@@ -106,71 +122,76 @@ def generate(
     processor = as_processor(logits_processor)
     d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer)
     device, dtype = model.device, out_layer.weight.dtype
+    masks = MaskBuffer(2 * block_size, d.seq.shape[1], dtype, device)
     seq = d.seq[0]  # (capacity,) prompt + decided tokens (decided-but-not-emitted ones sit past d.length)
     shift = 0 if teacher_prefix else 1  # the window starts at input p - shift
+    # a window whose inputs were all decided already holds the keys and values its commit would write
+    reusable = not (teacher_prefix or causal_clean)
 
     commit, causal_commit = d.prompt[0, : d.prompt_len - shift], True  # the prefill: inputs before the window
     while not d.done:
         p = d.length  # first target of this block
         n = min(block_size, d.max_new_tokens - (p - d.prompt_len))  # block shrinks at the budget
         seq[p : p + n] = mask_token_id
-        decided = torch.zeros(n, dtype=torch.bool, device=device)  # (n,)
+        values, decided = [mask_token_id] * n, [False] * n  # the block's targets so far
         emitted = 0  # targets of this block already emitted
         while emitted < n:
             past = d.cache.get_seq_length()
             window = seq[p - shift : p - 1 + n]  # (n - 1 + shift,) inputs up to the block's last target but one
+            clean = all(decided[: n - 1])  # no mask token among the window's inputs
             ids = torch.cat([commit, window])[None]  # (1, c + w)
-            mask = decoding_mask(past, len(commit), len(window), causal_commit, dtype).to(device)
+            mask = masks.take(past, len(commit), len(window), causal_commit)
             positions = torch.arange(past, past + ids.shape[1], device=device)[None]
             if split is not None:
                 split.count = len(commit) if teacher_prefix else 0
             hidden = body(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=d.cache, use_cache=True
             ).last_hidden_state[0, max(0, p - 1 - past) :]  # (r, D) rows of inputs p-1 ... p+n-2: targets n-r .. n-1
-            if len(window):
-                d.cache.crop(-len(window))  # keep the commit, drop the window
+            masks.clear()
             first_pass = d.forward_passes == 0
             d.forward_passes += 1
             teacher_row = teacher_prefix and len(commit) > 0  # this forward draws target p from the base
             commit = commit[:0]
 
-            todo = (~decided).nonzero()[:, 0]  # (k,) undecided slots, all >= n - r
-            probs = block_probs(
-                out_layer(hidden[todo - (n - hidden.shape[0])]),
-                d.seq[:, : d.length],
-                processor,
-                temperature,
-                top_k,
-                mask_token_id,
-            )  # (k, V)
-            tokens, chosen = sample_and_select(probs, temperature, threshold, generator, 0 if teacher_row else None)
-            slots = todo[chosen]
-            seq[p + slots] = tokens[chosen]
-            decided[slots] = True
-            is_eos = torch.zeros_like(decided)
-            for e in d.eos:
-                is_eos |= decided & (seq[p : p + n] == e)
-            if is_eos.any():  # nothing after the first decided EOS is needed
-                n = int(is_eos.nonzero()[0, 0]) + 1
-                decided = decided[:n]
+            todo = [j for j in range(n) if not decided[j]]  # undecided slots, all >= n - r
+            rows = torch.tensor(todo, device=device) - (n - hidden.shape[0])
+            probs = block_probs(out_layer(hidden[rows]), d.seq[:, : d.length], processor, temperature, top_k,
+                                mask_token_id)  # fmt: skip  # (k, V)
+            keep = 0 if teacher_row else None
+            tokens, chosen = sample_and_select(probs, temperature, threshold, generator, keep, unmask == "prefix")
+            slots = [j for j, keep in zip(todo, chosen.tolist(), strict=True) if keep]
+            for j, token in zip(slots, tokens[chosen].tolist(), strict=True):
+                values[j], decided[j] = token, True
+            seq[p + torch.tensor(slots, device=device)] = tokens[chosen]
+            first_eos = next((j for j in range(n) if decided[j] and values[j] in d.eos), None)
+            if first_eos is not None:  # nothing after the first decided EOS is needed
+                n = first_eos + 1
             if not first_pass:
-                d.accepted_lengths.append(int((slots < n).sum()))
+                d.accepted_lengths.append(sum(j < n for j in slots))
 
-            ready = emitted + int(decided[emitted:].long().cumprod(0).sum())  # decided prefix of the block
+            ready = emitted  # end of the block's decided prefix
+            while ready < n and decided[ready]:
+                ready += 1
             if ready > emitted:
-                d.emit(seq[p + emitted : p + ready].tolist())
+                d.emit(values[emitted:ready])
                 emitted = ready
+            if emitted < n or not (reusable and clean):
+                d.cache.crop(-len(window))  # keep the commit, drop the window
+        if reusable and clean:  # the last window was the completed block's clean inputs: its cache is the commit
+            continue
         commit, causal_commit = seq[p - shift : p - shift + n].clone(), causal_clean or teacher_prefix
     out = d.output()
     out.cache = None
     return out
 
 
-def block_factory(model, assets=None, threshold: float = 0.02, block_size: int | None = None, adapter=None):
+def block_factory(
+    model, assets=None, threshold: float = 0.02, block_size: int | None = None, adapter=None, unmask: str = "any"
+):
     """The "block" entry of `vadusa.decoders`: a distilled adapter merged into a copy of `model`.
 
     `adapter` is the adapter directory (default <assets>/block); `block_size` defaults to the one it was
-    distilled for; `run(input_ids, **kw)` calls `generate`.
+    distilled for; `unmask` is the rule of `generate`; `run(input_ids, **kw)` calls `generate`.
     """
     from pathlib import Path
 
@@ -178,9 +199,8 @@ def block_factory(model, assets=None, threshold: float = 0.02, block_size: int |
 
     if adapter is None and assets is None:
         raise ValueError("decoder 'block' needs an adapter directory, or assets holding block/ (the distilled adapter)")
-    if block_size is not None:
-        check_block_options(block_size, threshold)
+    check_block_options(1 if block_size is None else block_size, threshold, unmask)
     student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
-    check_block_options(block_size, threshold)
-    return lambda input_ids, **kw: generate(student, input_ids, block_size=block_size, threshold=threshold, **kw)
+    check_block_options(block_size, threshold, unmask)
+    return lambda input_ids, **kw: generate(student, input_ids, block_size, threshold, unmask=unmask, **kw)

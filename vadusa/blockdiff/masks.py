@@ -155,3 +155,33 @@ def prefix_training_mask(
     """(1, copies * G, clean_size + copies * G) additive mask of one teacher-prefix sample."""
     visible = prefix_training_visibility(prompt_len, length, block_size, clean_size, noised_size, copies)
     return additive(visible, dtype)[None]
+
+
+class MaskBuffer:
+    """Decoding masks cut from one zero buffer, as `verify` does for trees: every row sees the cached prefix,
+    so only the forward's own n columns are non-zero; `take` writes them, `clear` zeroes them after the
+    forward. Forwards larger than the buffer (the prefill) get a fresh `decoding_mask`."""
+
+    def __init__(self, rows: int, capacity: int, dtype: torch.dtype, device=None):
+        self.buffer = torch.zeros(1, 1, rows, capacity, dtype=dtype, device=device)  # (1, 1, rows, capacity)
+        self.blocks: dict[tuple[int, int, bool], torch.Tensor] = {}  # (commit, draft, causal) -> (n, n) block
+        self.written: tuple[int, int] | None = None  # (rows, first column) of the block in the buffer
+
+    def take(self, past: int, commit: int, draft: int, causal_commit: bool) -> torch.Tensor:
+        """(1, 1, commit + draft, past + commit + draft) == decoding_mask(past, commit, draft, causal_commit)."""
+        n, (rows, capacity) = commit + draft, self.buffer.shape[2:]
+        dtype, device = self.buffer.dtype, self.buffer.device
+        if n > rows or past + n > capacity:
+            return decoding_mask(past, commit, draft, causal_commit, dtype).to(device)
+        key = (commit, draft, causal_commit)
+        if key not in self.blocks:
+            self.blocks[key] = decoding_mask(0, commit, draft, causal_commit, dtype)[0, 0].to(device)  # (n, n)
+        self.buffer[0, 0, :n, past : past + n] = self.blocks[key]
+        self.written = (n, past)
+        return self.buffer[..., :n, : past + n]
+
+    def clear(self) -> None:
+        if self.written is not None:
+            n, past = self.written
+            self.buffer[0, 0, :n, past : past + n] = 0
+            self.written = None

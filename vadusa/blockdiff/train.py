@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from .loss import generalized_jsd
 from .masks import prefix_layout, prefix_training_mask, training_mask
-from .student import BlockConfig, make_student, save_adapter
+from .student import BlockConfig, check_adapter, make_student, save_adapter
 
 
 @dataclass
@@ -76,6 +76,7 @@ class TrainConfig:
     eval_sequences: int = 32  # pooled sequences held out of training for the evaluation
     checkpoint_minutes: float = 3.0  # minutes between checkpoints
     progress: bool = True  # tqdm bar
+    init_adapter: str | None = None  # start the LoRA from this adapter directory (same base, rank and layout)
 
     def __post_init__(self):
         self.ratio_start, self.ratio_end = tuple(self.ratio_start), tuple(self.ratio_end)
@@ -381,6 +382,31 @@ def load_checkpoint(directory: Path, student, optimizer, generator) -> dict:
     return json.loads((directory / "state.json").read_text())
 
 
+def initial_adapter(model, cfg: TrainConfig, block_config: BlockConfig) -> dict:
+    """The LoRA weights of `cfg.init_adapter`, after checking it fits this base, rank and layout (a warm start)."""
+    directory = Path(cfg.init_adapter)
+    found = check_adapter(model, directory)  # checked on the bare base: the fingerprint excludes nothing else
+    rank = json.loads((directory / "adapter_config.json").read_text()).get("r")
+    mine = (cfg.rank, block_config.mask_token_id, block_config.causal_clean, block_config.teacher_prefix)
+    theirs = (rank, found.mask_token_id, found.causal_clean, found.teacher_prefix)
+    if mine != theirs:
+        raise ValueError(
+            f"init_adapter {directory} has (rank, mask_token_id, causal_clean, teacher_prefix) = {theirs}; "
+            f"this run asks for {mine}"
+        )
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def load_adapter_weights(student, weights: dict, source) -> None:
+    result = set_peft_model_state_dict(student, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"init_adapter {source} does not match this LoRA (target modules?): missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )
+
+
 # ----- the loop -----
 def train(
     model,
@@ -399,6 +425,7 @@ def train(
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     model.eval().requires_grad_(False)
+    initial = initial_adapter(model, cfg, block_config) if cfg.init_adapter else None  # checked before sampling
 
     pool_path = out / "pool.safetensors"
     if resume and pool_path.is_file():
@@ -414,6 +441,8 @@ def train(
         )
 
     student = make_student(model, cfg.rank, cfg.alpha, cfg.target_modules)
+    if initial is not None:
+        load_adapter_weights(student, initial, cfg.init_adapter)
     params = [p for p in student.parameters() if p.requires_grad]
     dtype = params[0].dtype
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -6,6 +6,7 @@ is spoken once, by a voice and a speaking rate drawn from its hash, and kept as 
     sentences = read_sentences()                    # normalised, unique, sorted
     split_of("Some sentence.")                      # 'train' | 'valid' | 'test', fixed by the text
     item = synthesize(sentence)                     # {'text', 'voice', 'rate', 'phonemes', 'mel'}
+    item = text_item(sentence)                      # the same without audio (a prompt for the LM)
 """
 
 import hashlib
@@ -98,6 +99,13 @@ def synthesize(sentence: str, voice: str | None = None, rate: str | None = None)
     wav, lines = speak(text, voice, rate)
     phonemes = phonemize(text, VOICES[voice], RATES[rate], lines=lines)
     return {"text": text, "voice": voice, "rate": rate, "phonemes": phonemes, "mel": log_mel(wav).half()}
+
+
+def text_item(sentence: str) -> dict:
+    """`synthesize` without the audio: text, voice, rate and phoneme symbols (all a prompt of the LM needs)."""
+    text = check_text(sentence)
+    voice, rate = voice_rate_of(text)
+    return {"text": text, "voice": voice, "rate": rate, "phonemes": phonemize(text, VOICES[voice], RATES[rate])}
 
 
 def held_out_texts(split: str = "test", count: int | None = 20, root: Path = FORTUNES) -> list[str]:
