@@ -68,6 +68,15 @@ def test_line_symbols():
     assert text.line_symbols("h_@_l_'oU w_'3:_l_d") == ["h", "@", "l", "'oU", " ", "w", "'3:", "l", "d"]
 
 
+@needs_espeak
+def test_text_item_is_the_corpus_item_without_audio():
+    """Distillation prompts phonemized on the spot read exactly as the corpus's (same voice, rate, symbols)."""
+    sentence = "Never trust a computer you can't throw out a window."
+    item, spoken = corpus.text_item(sentence), corpus.synthesize(sentence)
+    assert {k: item[k] for k in ("text", "voice", "rate", "phonemes")} == {k: spoken[k] for k in item}
+    assert (item["voice"], item["rate"]) == corpus.voice_rate_of(sentence) and len(item["phonemes"]) > 30
+
+
 # ----- corpus -----
 def test_splits_are_stable_and_sized():
     sentences = [f"Sentence number {i} is here." for i in range(4000)]
