@@ -159,7 +159,7 @@ def generate(
                                 mask_token_id)  # fmt: skip  # (k, V)
             keep = 0 if teacher_row else None
             tokens, chosen = sample_and_select(probs, temperature, threshold, generator, keep, unmask == "prefix")
-            slots = [j for j, keep in zip(todo, chosen.tolist(), strict=True) if keep]
+            slots = [j for j, c in zip(todo, chosen.tolist(), strict=True) if c]  # decided by this forward
             for j, token in zip(slots, tokens[chosen].tolist(), strict=True):
                 values[j], decided[j] = token, True
             seq[p + torch.tensor(slots, device=device)] = tokens[chosen]
