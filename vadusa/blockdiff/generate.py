@@ -79,6 +79,13 @@ def sample_and_select(
     return tokens, chosen
 
 
+def shifted(index: list[int], offset: int, device=None) -> slice | torch.Tensor:
+    """An ascending list of positions + offset, as a slice when it is one run (the usual case: no gather)."""
+    if index[-1] - index[0] + 1 == len(index):
+        return slice(index[0] + offset, index[-1] + 1 + offset)
+    return torch.tensor(index, device=device) + offset
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -154,15 +161,15 @@ def generate(
             commit = commit[:0]
 
             todo = [j for j in range(n) if not decided[j]]  # undecided slots, all >= n - r
-            rows = torch.tensor(todo, device=device) - (n - hidden.shape[0])
-            probs = block_probs(out_layer(hidden[rows]), d.seq[:, : d.length], processor, temperature, top_k,
-                                mask_token_id)  # fmt: skip  # (k, V)
+            rows = hidden[shifted(todo, hidden.shape[0] - n, device)]  # (k, D)
+            probs = block_probs(out_layer(rows), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id)
             keep = 0 if teacher_row else None
             tokens, chosen = sample_and_select(probs, temperature, threshold, generator, keep, unmask == "prefix")
             slots = [j for j, c in zip(todo, chosen.tolist(), strict=True) if c]  # decided by this forward
-            for j, token in zip(slots, tokens[chosen].tolist(), strict=True):
+            picked = tokens[chosen]  # (len(slots),)
+            for j, token in zip(slots, picked.tolist(), strict=True):
                 values[j], decided[j] = token, True
-            seq[p + torch.tensor(slots, device=device)] = tokens[chosen]
+            seq[shifted(slots, p, device)] = picked
             first_eos = next((j for j in range(n) if decided[j] and values[j] in d.eos), None)
             if first_eos is not None:  # nothing after the first decided EOS is needed
                 n = first_eos + 1
