@@ -413,6 +413,8 @@ def test_warm_start_begins_at_the_initial_adapter(tmp_path):
     assert start_of_second["step"] == 0 and end_of_first["step"] == 4
     assert start_of_second["eval_loss"] == pytest.approx(end_of_first["eval_loss"], rel=1e-5)
     assert abs(read_log(tmp_path / "a")[0]["eval_loss"] - start_of_second["eval_loss"]) > 1e-3  # not a fresh LoRA
+    record = BlockConfig.load(tmp_path / "b" / "adapter").training
+    assert record["config"]["init_adapter"] == "adapter" and record["init_adapter"]["step"] == 4
     with pytest.raises(ValueError, match="rank"):
         train(sharp_llama(), prompts(12), TrainConfig(**{**second.__dict__, "rank": 4}), MASK, EOS)
     with pytest.raises(ValueError, match="another base"):

@@ -528,9 +528,19 @@ def train(
                 + "\n"
             )
     student.eval()
-    block_config.training = {k: state[k] for k in ("step", "minutes", "targets_seen", "inputs_seen")}
-    block_config.training["config"] = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
+    block_config.training = training_record(state, cfg)
     return save_adapter(student, block_config, out / "adapter")
+
+
+def training_record(state: dict, cfg: TrainConfig) -> dict:
+    """What block_config.json keeps of a run: its totals, its config (no machine paths) and, after a warm
+    start, the initial adapter's own record."""
+    record = {k: state[k] for k in ("step", "minutes", "targets_seen", "inputs_seen")}
+    record["config"] = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
+    if cfg.init_adapter:
+        record["config"]["init_adapter"] = Path(cfg.init_adapter).name
+        record["init_adapter"] = BlockConfig.load(Path(cfg.init_adapter)).training
+    return record
 
 
 def read_log(out_dir) -> list[dict]:
