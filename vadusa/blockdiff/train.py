@@ -385,7 +385,7 @@ def load_checkpoint(directory: Path, student, optimizer, generator) -> dict:
 def initial_adapter(model, cfg: TrainConfig, block_config: BlockConfig) -> dict:
     """The LoRA weights of `cfg.init_adapter`, after checking it fits this base, rank and layout (a warm start)."""
     directory = Path(cfg.init_adapter)
-    found = check_adapter(model, directory)  # checked on the bare base: the fingerprint excludes nothing else
+    found = check_adapter(model, directory)  # before the LoRA wraps the base: the fingerprint reads its names
     rank = json.loads((directory / "adapter_config.json").read_text()).get("r")
     mine = (cfg.rank, block_config.mask_token_id, block_config.causal_clean, block_config.teacher_prefix)
     theirs = (rank, found.mask_token_id, found.causal_clean, found.teacher_prefix)
