@@ -382,8 +382,8 @@ def load_checkpoint(directory: Path, student, optimizer, generator) -> dict:
     return json.loads((directory / "state.json").read_text())
 
 
-def initial_adapter(model, cfg: TrainConfig, block_config: BlockConfig) -> dict:
-    """The LoRA weights of `cfg.init_adapter`, after checking it fits this base, rank and layout (a warm start)."""
+def initial_adapter(model, cfg: TrainConfig, block_config: BlockConfig) -> tuple[dict, dict]:
+    """(LoRA weights, training record) of `cfg.init_adapter`, after checking it fits this base, rank and layout."""
     directory = Path(cfg.init_adapter)
     found = check_adapter(model, directory)  # before the LoRA wraps the base: the fingerprint reads its names
     rank = json.loads((directory / "adapter_config.json").read_text()).get("r")
@@ -394,7 +394,7 @@ def initial_adapter(model, cfg: TrainConfig, block_config: BlockConfig) -> dict:
             f"init_adapter {directory} has (rank, mask_token_id, causal_clean, teacher_prefix) = {theirs}; "
             f"this run asks for {mine}"
         )
-    return load_file(str(directory / "adapter_model.safetensors"))
+    return load_file(str(directory / "adapter_model.safetensors")), found.training
 
 
 def load_adapter_weights(student, weights: dict, source) -> None:
@@ -425,7 +425,7 @@ def train(
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     model.eval().requires_grad_(False)
-    initial = initial_adapter(model, cfg, block_config) if cfg.init_adapter else None  # checked before sampling
+    initial, initial_record = initial_adapter(model, cfg, block_config) if cfg.init_adapter else (None, None)
 
     pool_path = out / "pool.safetensors"
     if resume and pool_path.is_file():
@@ -528,18 +528,18 @@ def train(
                 + "\n"
             )
     student.eval()
-    block_config.training = training_record(state, cfg)
+    block_config.training = training_record(state, cfg, initial_record)
     return save_adapter(student, block_config, out / "adapter")
 
 
-def training_record(state: dict, cfg: TrainConfig) -> dict:
+def training_record(state: dict, cfg: TrainConfig, initial_record: dict | None = None) -> dict:
     """What block_config.json keeps of a run: its totals, its config (no machine paths) and, after a warm
     start, the initial adapter's own record."""
     record = {k: state[k] for k in ("step", "minutes", "targets_seen", "inputs_seen")}
     record["config"] = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
     if cfg.init_adapter:
         record["config"]["init_adapter"] = Path(cfg.init_adapter).name
-        record["init_adapter"] = BlockConfig.load(Path(cfg.init_adapter)).training
+        record["init_adapter"] = initial_record
     return record
 
 
