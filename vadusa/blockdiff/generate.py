@@ -140,12 +140,12 @@ def generate(
         p = d.length  # first target of this block
         n = min(block_size, d.max_new_tokens - (p - d.prompt_len))  # block shrinks at the budget
         seq[p : p + n] = mask_token_id
-        values, decided = [mask_token_id] * n, [False] * n  # the block's targets so far
+        values: list[int | None] = [None] * n  # the block's decided targets (None: still masked)
         emitted = 0  # targets of this block already emitted
         while emitted < n:
             past = d.cache.get_seq_length()
             window = seq[p - shift : p - 1 + n]  # (n - 1 + shift,) inputs up to the block's last target but one
-            clean = all(decided[: n - 1])  # no mask token among the window's inputs
+            clean = None not in values[: n - 1]  # no mask token among the window's inputs
             ids = torch.cat([commit, window])[None]  # (1, c + w)
             mask = masks.take(past, len(commit), len(window), causal_commit)
             positions = torch.arange(past, past + ids.shape[1], device=device)[None]
@@ -160,7 +160,7 @@ def generate(
             teacher_row = teacher_prefix and len(commit) > 0  # this forward draws target p from the base
             commit = commit[:0]
 
-            todo = [j for j in range(n) if not decided[j]]  # undecided slots, all >= n - r
+            todo = [j for j in range(n) if values[j] is None]  # undecided slots, all >= n - r
             rows = hidden[shifted(todo, hidden.shape[0] - n, device)]  # (k, D)
             probs = block_probs(out_layer(rows), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id)
             keep = 0 if teacher_row else None
@@ -168,16 +168,16 @@ def generate(
             slots = [j for j, c in zip(todo, chosen.tolist(), strict=True) if c]  # decided by this forward
             picked = tokens[chosen]  # (len(slots),)
             for j, token in zip(slots, picked.tolist(), strict=True):
-                values[j], decided[j] = token, True
+                values[j] = token
             seq[shifted(slots, p, device)] = picked
-            first_eos = next((j for j in range(n) if decided[j] and values[j] in d.eos), None)
+            first_eos = next((j for j in range(n) if values[j] in d.eos), None)
             if first_eos is not None:  # nothing after the first decided EOS is needed
                 n = first_eos + 1
             if not first_pass:
                 d.accepted_lengths.append(sum(j < n for j in slots))
 
             ready = emitted  # end of the block's decided prefix
-            while ready < n and decided[ready]:
+            while ready < n and values[ready] is not None:
                 ready += 1
             if ready > emitted:
                 d.emit(values[emitted:ready])
