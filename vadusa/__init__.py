@@ -1,6 +1,7 @@
 """vadusa: several speech tokens per forward pass for codec language models."""
 
 from .accept import ACCEPTANCE_RULES
+from .cpu import transpose_linear_weights
 from .decoders import DECODERS, build_decoder
 from .generate import GenerationOutput, generate, generate_ar
 from .heads import DraftHeads, HeadsConfig
@@ -16,4 +17,5 @@ __all__ = [
     "build_decoder",
     "generate",
     "generate_ar",
+    "transpose_linear_weights",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessorList
 
+from ..cpu import transpose_linear_weights
 from ..decoders import DECODERS, build_decoder, decoder_options
 from ..generate import GenerationOutput
 from .codec import UnitCodec
@@ -55,7 +56,7 @@ class TTSPipeline:
             )
         try:
             vocab = Vocab.load(directory / "lm" / "vocab.json")
-            model = LlamaForCausalLM.from_pretrained(directory / "lm", dtype=torch.float32)
+            model = transpose_linear_weights(LlamaForCausalLM.from_pretrained(directory / "lm", dtype=torch.float32))
             codec = UnitCodec.from_pretrained(directory / "codec")
             judge = Judge.from_pretrained(directory / "judge")
         except Exception as e:  # a truncated or edited file: say which directory, not a deep traceback
