@@ -29,7 +29,8 @@ from vadusa.bench import compare, read_texts, task_from_pipeline
 from vadusa.speech import TTSPipeline
 from vadusa.speech.stats import summary, text_stats
 
-DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask")  # given to the decoder if set
+# given to the decoder if set
+DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache")
 
 
 def parse_args(argv=None):
@@ -56,6 +57,10 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1]")
     g.add_argument("--block-size", type=int, help="block decoding block size")
     g.add_argument("--unmask", choices=["any", "prefix"], help="block decoding: confident targets anywhere or a prefix")
+    g.add_argument(
+        "--approximate-cache", action="store_true", default=None,
+        help="block decoding: keep settled rows' keys and values within a block (fewer rows per forward)",
+    )  # fmt: skip
     c = p.add_argument_group("A/B comparison")
     c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")
     c.add_argument("--configs", help="rows to compare (default: every shipped decoder and the key sweeps)")

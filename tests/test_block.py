@@ -237,12 +237,14 @@ def base_with_mask():
 
 
 @pytest.mark.parametrize("penalty", [None, 1.3])
-def test_block_size_1_greedy_equals_generate_ar(penalty):
+@pytest.mark.parametrize("approximate", [False, True])
+def test_block_size_1_greedy_equals_generate_ar(penalty, approximate):
     model = base_with_mask()
     prompt = torch.tensor([TEST_PROMPT])
     processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)]) if penalty else None
     ar = vadusa.generate_ar(model, prompt, max_new_tokens=150, temperature=0, logits_processor=processor)
-    out = generate(model, prompt, block_size=1, temperature=0, max_new_tokens=150, logits_processor=processor)
+    out = generate(model, prompt, block_size=1, temperature=0, max_new_tokens=150, logits_processor=processor,
+                   approximate_cache=approximate)  # fmt: skip
     assert torch.equal(out.sequences, ar.sequences) and out.new_tokens == 150
     assert out.forward_passes == 150 and out.accepted_lengths == [1] * 149
 
@@ -306,6 +308,18 @@ def reference_block_decode(model, prompt, block_size: int, threshold: float, max
     return seq[len(prompt) :]
 
 
+def generate_counting_rows(model, *args, **kwargs):
+    """(generate(model, *args, **kwargs), the number of input rows of each forward of the model's body)."""
+    rows = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kw: rows.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        return generate(model, *args, **kwargs), rows
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("unmask", ["any", "prefix"])
 @pytest.mark.parametrize("block_size,threshold", [(2, 0.5), (4, 0.9), (4, 0.05), (3, 0.3)])
 def test_block_decoding_equals_a_no_cache_reference(block_size, threshold, unmask):
@@ -313,17 +327,42 @@ def test_block_decoding_equals_a_no_cache_reference(block_size, threshold, unmas
     clean) decodes exactly what full recomputation under the block-causal mask decodes."""
     model = sharp_llama(seed=3)
     model.config.mask_token_id = MASK
-    rows = []
-    count = lambda module, args, kw: rows.append(kw["input_ids"].shape[1])  # noqa: E731
-    hook = model.model.register_forward_pre_hook(count, with_kwargs=True)
-    out = generate(model, torch.tensor([TEST_PROMPT]), block_size, threshold, temperature=0, max_new_tokens=37,
-                   unmask=unmask)  # fmt: skip
-    hook.remove()
+    out, rows = generate_counting_rows(model, torch.tensor([TEST_PROMPT]), block_size, threshold, temperature=0,
+                                       max_new_tokens=37, unmask=unmask)  # fmt: skip
     expected = reference_block_decode(model, TEST_PROMPT, block_size, threshold, 37, prefix=unmask == "prefix")
     assert out.tokens.tolist() == expected
     blocks, fused = math.ceil(37 / block_size), sum(r > block_size for r in rows[1:])  # passes with a commit
     if threshold >= 0.5:  # one target at a time, left to right: most completed windows were clean
         assert fused < blocks - 1
+
+
+def causal_take(self, past, commit, draft, causal_commit):
+    """A MaskBuffer.take under which every row sees the cache and the inputs up to its own, nothing later."""
+    return decoding_mask(past, commit + draft, 0, True, self.buffer.dtype)
+
+
+@pytest.mark.parametrize("unmask", ["any", "prefix"])
+@pytest.mark.parametrize("block_size,threshold,temperature", [(4, 0.3, 0), (8, 0.1, 0), (3, 0.9, 0), (6, 0.2, 1)])
+def test_approximate_cache_is_exact_when_rows_never_see_later_inputs(
+    monkeypatch, block_size, threshold, temperature, unmask
+):
+    """The approximate cache keeps a row's keys and values from the forward that fed its decided input; that
+    row also saw the mask tokens after it, hence the approximation. Under causal masks it saw nothing later, so
+    both caches must decode the same tokens in the same passes: this checks which rows are kept, where each
+    window starts and what the commit holds, while the approximate cache forwards fewer rows."""
+    monkeypatch.setattr(MaskBuffer, "take", causal_take)
+    model = sharp_llama(seed=3)
+    model.config.mask_token_id = MASK
+    runs = {}
+    for approximate in (False, True):
+        g = torch.Generator().manual_seed(2)
+        out, rows = generate_counting_rows(model, torch.tensor([TEST_PROMPT]), block_size, threshold,
+                                           temperature=temperature, max_new_tokens=45, unmask=unmask,
+                                           approximate_cache=approximate, generator=g)  # fmt: skip
+        runs[approximate] = out.tokens.tolist(), out.forward_passes, sum(rows[1:])
+    (exact, exact_passes, exact_rows), (approx, approx_passes, approx_rows) = runs[False], runs[True]
+    assert approx == exact and approx_passes == exact_passes
+    assert approx_rows < exact_rows
 
 
 def test_streamer_gets_every_token_once():
@@ -467,6 +506,13 @@ def test_bad_threshold(threshold):
 def test_bad_unmask_rule(unmask):
     with pytest.raises(ValueError, match="unmask"):
         generate(base_with_mask(), torch.tensor([TEST_PROMPT]), 4, 0.02, max_new_tokens=5, unmask=unmask)
+
+
+def test_approximate_cache_needs_a_block_causal_student():
+    model = base_with_mask()
+    for layout in ({"causal_clean": True}, {"teacher_prefix": True}):
+        with pytest.raises(ValueError, match="approximate_cache needs a block-causal student"):
+            generate(model, torch.tensor([TEST_PROMPT]), 4, 0.1, approximate_cache=True, **layout)
 
 
 @pytest.mark.parametrize("block_size", [0, -2, 1.5])

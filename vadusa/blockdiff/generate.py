@@ -20,6 +20,13 @@ decoding (test: temperature 0 gives greedy `generate_ar`'s tokens). The mask tok
 Logits processors see the emitted prefix as history (for targets after undecided ones inside a block, it
 lacks the block's own).
 
+Approximate cache (`approximate_cache=True`, block-causal students; Fast-dLLM's approximate block cache):
+a window row whose input was already decided when it was fed, and whose target is decided now, keeps its
+keys and values from that forward, so later forwards of the block start after it and the completed block
+costs no commit beyond its rows that were fed as masks. Approximate because such a row attended to mask
+tokens that were decided later; with the prefix rule most rows are settled this way, and each forward
+carries about the block's undecided part instead of the whole block plus a commit.
+
 Teacher prefix (`block_teacher_prefix` adapters, masks.py): the commit is the completed block's targets,
 run causally through the base's weights (the cache is generate_ar's own); the commit's last row is the
 base's prediction of target p, drawn and kept at the block's first forward like an auto-regressive
@@ -79,6 +86,15 @@ def sample_and_select(
     return tokens, chosen
 
 
+def settled_rows(fed: list[bool], decided: list[bool]) -> int:
+    """How many leading window rows the approximate cache keeps: rows whose input was decided when fed
+    (`fed`, one per row) and whose target is decided now (`decided`, the targets of the same rows)."""
+    kept = 0
+    while kept < len(fed) and fed[kept] and decided[kept]:
+        kept += 1
+    return kept
+
+
 def shifted(index: list[int], offset: int, device=None) -> slice | torch.Tensor:
     """An ascending list of positions + offset, as a slice when it is one run (the usual case: no gather)."""
     if index[-1] - index[0] + 1 == len(index):
@@ -103,10 +119,12 @@ def generate(
     causal_clean: bool | None = None,
     teacher_prefix: bool | None = None,
     unmask: str = "any",
+    approximate_cache: bool = False,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
-    `mask_token_id`, `causal_clean` (how a completed block is committed: causally, or bidirectionally
+    `approximate_cache` keeps settled rows across the forwards of a block (see above; block-causal students
+    only). `mask_token_id`, `causal_clean` (how a completed block is committed: causally, or bidirectionally
     within the block, as in training) and `teacher_prefix` (see above) default to the model config's
     `mask_token_id` / `block_causal_clean` / `block_teacher_prefix`, set by `load_student`. `accepted_lengths`
     holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
@@ -134,7 +152,8 @@ def generate(
     shift = 0 if teacher_prefix else 1  # the window starts at input p - shift
     # a window whose inputs were all decided already holds the keys and values its commit would write
     reusable = not (teacher_prefix or causal_clean)
-
+    if approximate_cache and not reusable:
+        raise ValueError("approximate_cache needs a block-causal student; this one is causal-clean or teacher-prefix")
     commit, causal_commit = d.prompt[0, : d.prompt_len - shift], True  # the prefill: inputs before the window
     while not d.done:
         p = d.length  # first target of this block
@@ -142,10 +161,12 @@ def generate(
         seq[p : p + n] = mask_token_id
         values: list[int | None] = [None] * n  # the block's decided targets (None: still masked)
         emitted = 0  # targets of this block already emitted
+        start = p - shift  # the window's first input (with the approximate cache, the inputs before it are cached)
         while emitted < n:
             past = d.cache.get_seq_length()
-            window = seq[p - shift : p - 1 + n]  # (n - 1 + shift,) inputs up to the block's last target but one
-            clean = None not in values[: n - 1]  # no mask token among the window's inputs
+            window = seq[start : p - 1 + n]  # (w,) inputs up to the block's last target but one
+            fed = [q < p or values[q - p] is not None for q in range(start, p - 1 + n)]  # (w,) input decided
+            clean = all(fed)  # no mask token among the window's inputs
             ids = torch.cat([commit, window])[None]  # (1, c + w)
             mask = masks.take(past, len(commit), len(window), causal_commit)
             positions = torch.arange(past, past + ids.shape[1], device=device)[None]
@@ -182,8 +203,16 @@ def generate(
             if ready > emitted:
                 d.emit(values[emitted:ready])
                 emitted = ready
-            if emitted < n or not (reusable and clean):
+            if approximate_cache:
+                kept = settled_rows(fed, [v is not None for v in values[start - p + 1 :]])
+                if kept < len(window):
+                    d.cache.crop(kept - len(window))  # keep the commit and the settled rows
+                start += kept
+            elif emitted < n or not (reusable and clean):
                 d.cache.crop(-len(window))  # keep the commit, drop the window
+        if approximate_cache:  # the commit is the completed block's rows that were fed as masks
+            commit, causal_commit = seq[start : p - 1 + n].clone(), False
+            continue
         if reusable and clean:  # the last window was the completed block's clean inputs: its cache is the commit
             continue
         commit, causal_commit = seq[p - shift : p - shift + n].clone(), causal_clean or teacher_prefix
@@ -193,7 +222,13 @@ def generate(
 
 
 def block_factory(
-    model, assets=None, threshold: float = 0.02, block_size: int | None = None, adapter=None, unmask: str = "any"
+    model,
+    assets=None,
+    threshold: float = 0.02,
+    block_size: int | None = None,
+    adapter=None,
+    unmask: str = "any",
+    approximate_cache: bool = False,
 ):
     """The "block" entry of `vadusa.decoders`: a distilled adapter merged into a copy of `model`.
 
@@ -210,4 +245,6 @@ def block_factory(
     student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
     check_block_options(block_size, threshold, unmask)
-    return lambda input_ids, **kw: generate(student, input_ids, block_size, threshold, unmask=unmask, **kw)
+    return lambda input_ids, **kw: generate(
+        student, input_ids, block_size, threshold, unmask=unmask, approximate_cache=approximate_cache, **kw
+    )
