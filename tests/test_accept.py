@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vadusa.accept import get_rule, greedy, lossless, tolerance, typical
+from vadusa.accept import get_rule, greedy, lossless, sample, tolerance, typical
 
 
 def outcome_histogram(rule, probs, children, n=40000, seed=0):
@@ -15,6 +15,28 @@ def outcome_histogram(rule, probs, children, n=40000, seed=0):
 
 
 PROBS = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+
+
+def test_sample_draws_each_row_from_its_distribution():
+    rows = torch.tensor(
+        [[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.7, 0.0, 0.0, 0.0, 0.0, 0.3], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]
+    )
+    draws = sample(rows, torch.Generator().manual_seed(0), num=60000)  # (3, 60000)
+    assert draws.shape == (3, 60000) and draws.dtype == torch.long
+    for row, drawn in zip(rows, draws, strict=True):
+        freq = torch.bincount(drawn, minlength=6) / drawn.numel()
+        assert (freq[row == 0] == 0).all()  # never a token of probability 0
+        assert (freq - row).abs().max() < 0.01  # 60000 draws: std <= 0.002
+    one = sample(rows[0], torch.Generator().manual_seed(1))  # a single (V,) distribution -> (1,)
+    assert one.shape == (1,) and rows[0, one] > 0
+
+
+def test_sample_never_draws_a_zero_probability_token_at_the_extremes(monkeypatch):
+    """u = 0 and u rounding up to the total are the two places an inverse CDF can land on a token of mass 0."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]])
+    for u in (0.0, 1.0, 1 - 2**-24):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full(a[0], u))
+        assert sample(probs).item() == (1 if u == 0 else 3)
 
 
 def test_lossless_output_is_distributed_as_the_base():

@@ -1,4 +1,5 @@
 import itertools
+import sys
 
 import pytest
 import torch
@@ -213,8 +214,11 @@ def test_bad_inputs_raise(model_and_heads):
         vadusa.generate_ar(model, torch.tensor([[1]]), max_new_tokens=0)
 
 
-def test_sampled_ar_equals_transformers_sampling_on_the_same_seed(model_and_heads):
-    """generate_ar draws exactly what model.generate draws: the same processors, warpers and RNG calls."""
+def test_sampled_ar_equals_transformers_sampling_on_the_same_seed(model_and_heads, monkeypatch):
+    """generate_ar draws exactly what model.generate draws: the same processors, warpers and RNG calls, once
+    its sampler (`accept.sample`, inverse CDF) is swapped for the one transformers calls."""
+    multinomial = lambda probs, generator=None, num=1: torch.multinomial(probs, num, generator=generator)  # noqa: E731
+    monkeypatch.setattr(sys.modules["vadusa.generate"], "sample", multinomial)
     model, _ = model_and_heads
     prompt = torch.tensor([TEST_PROMPT])
     processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)])

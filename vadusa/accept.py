@@ -10,7 +10,8 @@ index     position in `children` of the accepted child, or -1 when the walk stop
 next_token the token to emit after the node when the walk stops (meaningless when index >= 0)
 
 At a leaf (no children) every rule falls back to its own way of drawing the next token, so the
-generation loop needs no special case for the end of the tree.
+generation loop needs no special case for the end of the tree. Every draw, here and in the decoding
+loops, goes through `sample`.
 """
 
 import math
@@ -18,6 +19,21 @@ import math
 import torch
 
 ACCEPTANCE_RULES = ("greedy", "tolerance", "typical", "lossless")
+
+
+def sample(probs: torch.Tensor, generator=None, num: int = 1) -> torch.Tensor:
+    """(..., V) probabilities -> (..., num) independent draws per row, by inverse CDF: one uniform per draw.
+
+    The distribution of `torch.multinomial(probs, num, replacement=True)`, which draws V exponentials per row
+    (measured here: 30 us for one row of 1171 tokens, 170 us for 8 rows; this takes 11 and 16). The draw is the
+    first token whose cumulative sum exceeds u * total, with u * total kept below the total (it can round up
+    to it), so a token of probability 0 is never drawn.
+    """
+    cdf = probs.cumsum(-1)  # (..., V)
+    total = cdf[..., -1:]  # (..., 1)
+    u = torch.rand((*total.shape[:-1], num), generator=generator, dtype=cdf.dtype, device=cdf.device)  # (..., num)
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)  # (..., num)
 
 
 def greedy(probs: torch.Tensor, children: torch.Tensor, generator=None) -> tuple[int, int]:
@@ -33,7 +49,7 @@ def tolerance(probs: torch.Tensor, children: torch.Tensor, generator=None, tau: 
     If no child was drawn, the walk stops and the next token is the first of the tau draws, so tau=1 is
     plain sample-and-match and the fallback token is always an honest sample from the base.
     """
-    draws = torch.multinomial(probs, tau, replacement=True, generator=generator)  # (tau,)
+    draws = sample(probs, generator, tau)  # (tau,)
     hits = torch.isin(children, draws).nonzero()
     return (int(hits[0]), int(draws[0])) if len(hits) else (-1, int(draws[0]))
 
@@ -47,7 +63,7 @@ def typical(
     hits = (probs[children] > threshold).nonzero()
     if len(hits):
         return int(hits[0]), int(children[hits[0]])
-    return -1, int(torch.multinomial(probs, 1, generator=generator))
+    return -1, int(sample(probs, generator))
 
 
 def lossless(probs: torch.Tensor, children: torch.Tensor, generator=None) -> tuple[int, int]:
@@ -64,9 +80,9 @@ def lossless(probs: torch.Tensor, children: torch.Tensor, generator=None) -> tup
         residual[c] = 0.0
         total = residual.sum()
         if total <= 0:  # every token with mass was a rejected draft: only possible through rounding
-            return -1, int(torch.multinomial(probs, 1, generator=generator))
+            return -1, int(sample(probs, generator))
         residual /= total
-    return -1, int(torch.multinomial(residual, 1, generator=generator))
+    return -1, int(sample(residual, generator))
 
 
 def get_rule(acceptance: str, tau: int = 3, epsilon: float = 0.09, alpha: float = 0.3):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList
 
-from .accept import get_rule
+from .accept import get_rule, sample
 from .cache import BufferCache, num_decoder_layers
 from .heads import DraftHeads
 from .tree import Tree
@@ -106,7 +106,7 @@ def draw(probs: torch.Tensor, temperature: float, generator) -> int:
     """One token from probs (argmax at temperature 0)."""
     if temperature == 0:
         return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sample(probs, generator))
 
 
 def take(tokens: list[int], budget: int, eos: set[int]) -> tuple[list[int], bool]:

@@ -35,6 +35,7 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 
 import torch
 
+from ..accept import sample
 from ..generate import GenerationOutput, _Decoding, as_processor, split_model
 from .masks import MaskBuffer
 
@@ -77,7 +78,7 @@ def sample_and_select(
     at least one target. With `prefix` only the leading run of kept rows is kept.
     """
     greedy = temperature == 0
-    tokens = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]  # (k,)
+    tokens = probs.argmax(-1) if greedy else sample(probs, generator)[:, 0]  # (k,)
     confidence = probs.gather(-1, tokens[:, None])[:, 0]  # (k,)
     chosen = confidence >= threshold
     chosen[keep if keep is not None else 0 if prefix else confidence.argmax()] = True
