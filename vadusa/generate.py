@@ -76,10 +76,19 @@ def eos_set(eos_token_id) -> set[int]:
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
 
 
-def as_processor(logits_processor):
-    if logits_processor is None or isinstance(logits_processor, LogitsProcessorList):
-        return logits_processor or None
-    return LogitsProcessorList(logits_processor)
+class Processors(LogitsProcessorList):
+    """A LogitsProcessorList that calls its processors directly: transformers' own reads every processor's
+    signature on every call (~30 us each here, a few % of a demo AR step). Decoding passes no extra kwargs."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+def as_processor(logits_processor) -> Processors | None:
+    """None, a processor list or an iterable of processors -> `Processors` (None when empty)."""
+    return Processors(logits_processor) if logits_processor else None
 
 
 def logits_to_probs(
