@@ -30,7 +30,7 @@ from vadusa.speech import TTSPipeline
 from vadusa.speech.stats import summary, text_stats
 
 # given to the decoder if set
-DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache")
+DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache", "sliding")
 
 
 def parse_args(argv=None):
@@ -60,6 +60,10 @@ def parse_args(argv=None):
     g.add_argument(
         "--approximate-cache", action="store_true", default=None,
         help="block decoding: keep settled rows' keys and values within a block (fewer rows per forward)",
+    )  # fmt: skip
+    g.add_argument(
+        "--sliding", action="store_true", default=None,
+        help="block decoding with --unmask prefix: slide a window of --block-size inputs instead of fixed blocks",
     )  # fmt: skip
     c = p.add_argument_group("A/B comparison")
     c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")

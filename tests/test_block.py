@@ -236,15 +236,22 @@ def base_with_mask():
     return model
 
 
+MODES = {  # the decoding modes of `generate` beyond its rule: fixed blocks (exact or approximate cache), sliding
+    "exact": {},
+    "approximate": {"approximate_cache": True},
+    "sliding": {"sliding": True, "unmask": "prefix"},
+}
+
+
 @pytest.mark.parametrize("penalty", [None, 1.3])
-@pytest.mark.parametrize("approximate", [False, True])
-def test_block_size_1_greedy_equals_generate_ar(penalty, approximate):
+@pytest.mark.parametrize("mode", MODES)
+def test_block_size_1_greedy_equals_generate_ar(penalty, mode):
     model = base_with_mask()
     prompt = torch.tensor([TEST_PROMPT])
     processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)]) if penalty else None
     ar = vadusa.generate_ar(model, prompt, max_new_tokens=150, temperature=0, logits_processor=processor)
     out = generate(model, prompt, block_size=1, temperature=0, max_new_tokens=150, logits_processor=processor,
-                   approximate_cache=approximate)  # fmt: skip
+                   **MODES[mode])  # fmt: skip
     assert torch.equal(out.sequences, ar.sequences) and out.new_tokens == 150
     assert out.forward_passes == 150 and out.accepted_lengths == [1] * 149
 
@@ -260,20 +267,22 @@ def test_block_size_1_sampling_equals_generate_ar_sampling():
     assert torch.equal(out.sequences, ar.sequences)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("block_size,threshold", [(2, 0.02), (4, 0.02), (4, 0.9), (8, 0.005)])
-def test_block_decoding_stops_exactly(block_size, threshold):
+def test_block_decoding_stops_exactly(block_size, threshold, mode):
     model = base_with_mask()
     prompt = torch.tensor([TEST_PROMPT])
     for seed in range(6):
         for budget in (1, 5, 23):
             out = generate(model, prompt, block_size, threshold, max_new_tokens=budget, eos_token_id=EOS,
-                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                           generator=torch.Generator().manual_seed(seed), **MODES[mode])  # fmt: skip
             tokens = out.tokens.tolist()
             assert out.new_tokens == len(tokens) <= budget
             assert EOS not in tokens[:-1] and (tokens[-1] == EOS or len(tokens) == budget)
             assert MASK not in tokens
             assert out.forward_passes == 1 + len(out.accepted_lengths)
-    many = generate(model, prompt, 8, 0.005, max_new_tokens=64, generator=torch.Generator().manual_seed(0))
+    many = generate(model, prompt, 8, 0.005, max_new_tokens=64, generator=torch.Generator().manual_seed(0),
+                    **MODES[mode])  # fmt: skip
     assert many.new_tokens == 64 and many.forward_passes < 40  # a low threshold decides several tokens per pass
 
 
@@ -363,6 +372,49 @@ def test_approximate_cache_is_exact_when_rows_never_see_later_inputs(
     (exact, exact_passes, exact_rows), (approx, approx_passes, approx_rows) = runs[False], runs[True]
     assert approx == exact and approx_passes == exact_passes
     assert approx_rows < exact_rows
+
+
+def reference_sliding_decode(model, prompt, size: int, threshold: float, max_new_tokens: int):
+    """Greedy sliding-window decoding with no cache under a causal mask: each forward reruns the decided
+    sequence followed by mask tokens up to a window of `size` inputs from the first input the last forward
+    decided, and decides the leading run of confident targets (always the first)."""
+    seq, start = list(prompt), len(prompt) - 1
+    while len(seq) - len(prompt) < max_new_tokens:
+        p = len(seq)
+        n = min(size - (p - start) + 1, max_new_tokens - (p - len(prompt)))
+        with torch.no_grad():
+            logits = model(torch.tensor([seq + [MASK] * (n - 1)])).logits[0, p - 1 :]  # (n, V), causal
+        logits[:, MASK] = float("-inf")
+        confidence, tokens = torch.softmax(logits, -1).max(-1)
+        k = 1
+        while k < n and confidence[k] >= threshold:
+            k += 1
+        seq, start = seq + tokens[:k].tolist(), p
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("size,threshold", [(2, 0.3), (4, 0.2), (6, 0.05), (5, 0.9)])
+def test_sliding_equals_a_no_cache_reference_under_causal_masks(monkeypatch, size, threshold):
+    """Under causal masks the settled rows a sliding window leaves in the cache are exact, so the cached decoder
+    must match full recomputation token for token: this checks the window's start and length and the crop."""
+    monkeypatch.setattr(MaskBuffer, "take", causal_take)
+    model = sharp_llama(seed=3)
+    model.config.mask_token_id = MASK
+    out = generate(model, torch.tensor([TEST_PROMPT]), size, threshold, temperature=0, max_new_tokens=41,
+                   unmask="prefix", sliding=True)  # fmt: skip
+    assert out.tokens.tolist() == reference_sliding_decode(model, TEST_PROMPT, size, threshold, 41)
+    assert out.forward_passes == 1 + len(out.accepted_lengths) and sum(out.accepted_lengths) < 41
+
+
+def test_sliding_windows_carry_block_size_rows():
+    model = sharp_llama(seed=3)
+    model.config.mask_token_id = MASK
+    g = torch.Generator().manual_seed(1)
+    out, rows = generate_counting_rows(model, torch.tensor([TEST_PROMPT]), 6, 0.1, max_new_tokens=60,
+                                       unmask="prefix", sliding=True, generator=g)  # fmt: skip
+    assert rows[0] == len(TEST_PROMPT) - 1 + 6  # the prefill carries the prompt and the first window
+    assert all(r <= 6 for r in rows[1:]) and sum(r == 6 for r in rows[1:]) >= len(rows[1:]) - 3
+    assert out.new_tokens == 60 and out.mean_accepted > 1
 
 
 def test_streamer_gets_every_token_once():
@@ -508,11 +560,15 @@ def test_bad_unmask_rule(unmask):
         generate(base_with_mask(), torch.tensor([TEST_PROMPT]), 4, 0.02, max_new_tokens=5, unmask=unmask)
 
 
-def test_approximate_cache_needs_a_block_causal_student():
+def test_approximate_cache_and_sliding_need_a_block_causal_student():
     model = base_with_mask()
     for layout in ({"causal_clean": True}, {"teacher_prefix": True}):
         with pytest.raises(ValueError, match="approximate_cache needs a block-causal student"):
             generate(model, torch.tensor([TEST_PROMPT]), 4, 0.1, approximate_cache=True, **layout)
+        with pytest.raises(ValueError, match="sliding needs a block-causal student"):
+            generate(model, torch.tensor([TEST_PROMPT]), 4, 0.1, unmask="prefix", sliding=True, **layout)
+    with pytest.raises(ValueError, match="needs unmask='prefix', got 'any'"):
+        generate(model, torch.tensor([TEST_PROMPT]), 4, 0.1, sliding=True)
 
 
 @pytest.mark.parametrize("block_size", [0, -2, 1.5])

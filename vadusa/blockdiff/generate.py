@@ -27,6 +27,13 @@ costs no commit beyond its rows that were fed as masks. Approximate because such
 tokens that were decided later; with the prefix rule most rows are settled this way, and each forward
 carries about the block's undecided part instead of the whole block plus a commit.
 
+Sliding windows (`sliding=True`, with `unmask="prefix"`): no fixed blocks. Every forward reads a window of
+`block_size` inputs, [the k inputs the last forward decided ; block_size - k mask tokens], bidirectionally,
+as a training block whose first k units are unmasked; it predicts the next block_size - k + 1 targets and
+decides their leading confident run. The k decided inputs are settled and stay in the cache (as with the
+approximate cache, they saw mask tokens), so there is no commit, every forward carries exactly `block_size`
+rows, and a run of confident targets is never cut by a block boundary.
+
 Teacher prefix (`block_teacher_prefix` adapters, masks.py): the commit is the completed block's targets,
 run causally through the base's weights (the cache is generate_ar's own); the commit's last row is the
 base's prediction of target p, drawn and kept at the block's first forward like an auto-regressive
@@ -121,12 +128,15 @@ def generate(
     teacher_prefix: bool | None = None,
     unmask: str = "any",
     approximate_cache: bool = False,
+    sliding: bool = False,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
-    `approximate_cache` keeps settled rows across the forwards of a block (see above; block-causal students
-    only). `mask_token_id`, `causal_clean` (how a completed block is committed: causally, or bidirectionally
-    within the block, as in training) and `teacher_prefix` (see above) default to the model config's
+    `approximate_cache` keeps settled rows across the forwards of a block, `sliding` slides a window of
+    `block_size` inputs instead of stepping through fixed blocks (see above; block-causal students only;
+    sliding needs `unmask="prefix"`). `mask_token_id`, `causal_clean` (how a completed block is committed:
+    causally, or bidirectionally within the block, as in training) and `teacher_prefix` (see above) default
+    to the model config's
     `mask_token_id` / `block_causal_clean` / `block_teacher_prefix`, set by `load_student`. `accepted_lengths`
     holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
     keys and values are not an auto-regressive cache to continue from.
@@ -153,8 +163,17 @@ def generate(
     shift = 0 if teacher_prefix else 1  # the window starts at input p - shift
     # a window whose inputs were all decided already holds the keys and values its commit would write
     reusable = not (teacher_prefix or causal_clean)
-    if approximate_cache and not reusable:
-        raise ValueError("approximate_cache needs a block-causal student; this one is causal-clean or teacher-prefix")
+
+    def probs_of(rows):  # (k, D) hidden rows -> (k, V) probabilities of their targets
+        return block_probs(out_layer(rows), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id)
+
+    if (approximate_cache or sliding) and not reusable:
+        name = "sliding" if sliding else "approximate_cache"
+        raise ValueError(f"{name} needs a block-causal student; this one is causal-clean or teacher-prefix")
+    if sliding:
+        if unmask != "prefix":
+            raise ValueError(f"sliding windows decide a prefix of their targets: needs unmask='prefix', got {unmask!r}")
+        return slide(d, body, probs_of, masks, block_size, threshold, temperature, generator, mask_token_id)
     commit, causal_commit = d.prompt[0, : d.prompt_len - shift], True  # the prefill: inputs before the window
     while not d.done:
         p = d.length  # first target of this block
@@ -183,8 +202,7 @@ def generate(
             commit = commit[:0]
 
             todo = [j for j in range(n) if values[j] is None]  # undecided slots, all >= n - r
-            rows = hidden[shifted(todo, hidden.shape[0] - n, device)]  # (k, D)
-            probs = block_probs(out_layer(rows), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id)
+            probs = probs_of(hidden[shifted(todo, hidden.shape[0] - n, device)])  # (k, V)
             keep = 0 if teacher_row else None
             tokens, chosen = sample_and_select(probs, temperature, threshold, generator, keep, unmask == "prefix")
             slots = [j for j, c in zip(todo, chosen.tolist(), strict=True) if c]  # decided by this forward
@@ -222,6 +240,44 @@ def generate(
     return out
 
 
+def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold, temperature, generator, mask_token_id):
+    """Sliding windows of `size` inputs: [the inputs the last forward decided ; mask tokens]; see the module doc.
+
+    The window's first k inputs are decided targets, fed for the first time; its other rows are masks whose
+    outputs, with the last decided input's, predict the next size - k + 1 targets. The leading run of confident
+    ones is decided (prefix rule), the k decided rows stay in the cache (settled: their targets are decided),
+    and the next window starts at the first newly decided input.
+    """
+    seq, device = d.seq[0], d.seq.device
+    start = d.prompt_len - 1  # first input not in the cache; inputs start .. p-1 are decided
+    commit = d.prompt[0, :start]  # the prefill: the prompt before its last token, causal
+    while not d.done:
+        p = d.length  # first undecided target
+        n = min(size - (p - start) + 1, d.max_new_tokens - (p - d.prompt_len))  # targets p .. p+n-1
+        seq[p : p + n - 1] = mask_token_id
+        window = seq[start : p - 1 + n]  # (w,) w = (p - start) + n - 1 <= size
+        past = d.cache.get_seq_length()
+        ids = torch.cat([commit, window])[None]  # (1, c + w)
+        mask = masks.take(past, len(commit), len(window), True)
+        positions = torch.arange(past, past + ids.shape[1], device=device)[None]
+        hidden = body(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=d.cache, use_cache=True
+        ).last_hidden_state[0, -n:]  # (n, D) rows of inputs p-1 .. p+n-2: targets p .. p+n-1
+        masks.clear()
+        tokens, chosen = sample_and_select(probs_of(hidden), temperature, threshold, generator, prefix=True)
+        decided = tokens[: int(chosen.sum())].tolist()  # the leading run, >= 1 target
+        if d.forward_passes > 0:
+            d.accepted_lengths.append(len(decided))
+        d.forward_passes += 1
+        d.emit(decided)  # cut at the first EOS and at the budget
+        if n > 1:
+            d.cache.crop(1 - n)  # keep the commit and the decided inputs start .. p-1
+        commit, start = commit[:0], p
+    out = d.output()
+    out.cache = None
+    return out
+
+
 def block_factory(
     model,
     assets=None,
@@ -230,6 +286,7 @@ def block_factory(
     adapter=None,
     unmask: str = "any",
     approximate_cache: bool = False,
+    sliding: bool = False,
 ):
     """The "block" entry of `vadusa.decoders`: a distilled adapter merged into a copy of `model`.
 
@@ -247,5 +304,6 @@ def block_factory(
     block_size = config.block_size if block_size is None else block_size
     check_block_options(block_size, threshold, unmask)
     return lambda input_ids, **kw: generate(
-        student, input_ids, block_size, threshold, unmask=unmask, approximate_cache=approximate_cache, **kw
-    )
+        student, input_ids, block_size, threshold, unmask=unmask, approximate_cache=approximate_cache,
+        sliding=sliding, **kw
+    )  # fmt: skip
