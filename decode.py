@@ -7,7 +7,7 @@
 
 --compare runs the A/B harness (vadusa.bench): every decoder row on the same texts and seeds, interleaved,
 and writes ab/report.json, ab/report.md and ab/pareto.png. SPEC is `decoder:key=v1|v2,key=v; ...`, e.g.
-"vadusa:tolerance=1|2|3|4,tree=auto; block:threshold=0.02"; `hf-generate` and `ar` are always included.
+"vadusa:tolerance=1|2|3|4,tree=auto; block:threshold=0.3|0.4"; `hf-generate` and `ar` are always included.
 
 Stats JSON keys are documented in vadusa/speech/stats.py: one row per text (cer, audio_seconds,
 new_tokens, tokens_per_second, rtf, forward_passes, ...) under "texts", and "summary" with their
@@ -54,16 +54,19 @@ def parse_args(argv=None):
     g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
     g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
     g.add_argument("--tolerance", type=int, help="vadusa tolerance tau (draws from the base per node)")
-    g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1]")
-    g.add_argument("--block-size", type=int, help="block decoding block size")
-    g.add_argument("--unmask", choices=["any", "prefix"], help="block decoding: confident targets anywhere or a prefix")
+    g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1] (default 0.35)")
+    g.add_argument("--block-size", type=int, help="block decoding block size (default: the adapter's)")
     g.add_argument(
-        "--approximate-cache", action="store_true", default=None,
-        help="block decoding: keep settled rows' keys and values within a block (fewer rows per forward)",
+        "--unmask", choices=["any", "prefix"],
+        help="block decoding: confident targets anywhere (Fast-dLLM) or only a leading run (default prefix)",
     )  # fmt: skip
     g.add_argument(
-        "--sliding", action="store_true", default=None,
-        help="block decoding with --unmask prefix: slide a window of --block-size inputs instead of fixed blocks",
+        "--sliding", action=argparse.BooleanOptionalAction, default=None,
+        help="block decoding: slide a window of --block-size inputs instead of fixed blocks (default: with prefix)",
+    )  # fmt: skip
+    g.add_argument(
+        "--approximate-cache", action=argparse.BooleanOptionalAction, default=None,
+        help="block decoding in fixed blocks: keep settled rows' keys and values within a block (default off)",
     )  # fmt: skip
     c = p.add_argument_group("A/B comparison")
     c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")

@@ -527,7 +527,7 @@ def assets(tmp_path_factory):
 
 def test_decoder_registry_entry(assets):
     model = tiny_llama()
-    run = build_decoder("block", model, assets, threshold=0.05)
+    run = build_decoder("block", model, assets, threshold=0.05, unmask="any")
     merged, config = load_student(model, assets / "block")
     prompt = torch.tensor([TEST_PROMPT])
     out = run(prompt, max_new_tokens=40, temperature=1.0, generator=torch.Generator().manual_seed(2))
@@ -535,6 +535,11 @@ def test_decoder_registry_entry(assets):
         merged, prompt, config.block_size, 0.05, max_new_tokens=40, generator=torch.Generator().manual_seed(2)
     )
     assert torch.equal(out.sequences, ref.sequences)
+    preset = build_decoder("block", model, assets)
+    out = preset(prompt, max_new_tokens=40, generator=torch.Generator().manual_seed(2))
+    ref = generate(merged, prompt, config.block_size, 0.35, max_new_tokens=40, unmask="prefix", sliding=True,
+                   generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert torch.equal(out.sequences, ref.sequences)  # the registry's defaults: the demo's quality point
     plain = generate(model, prompt, 4, 0.05, max_new_tokens=40, generator=torch.Generator().manual_seed(2),
                      mask_token_id=MASK)  # fmt: skip
     assert not torch.equal(plain.sequences, out.sequences)  # the adapter is applied

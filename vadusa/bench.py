@@ -418,9 +418,9 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 # ----- the demo TTS as a task; default row sets -----
 DEFAULT_CONFIGS = (
     "vadusa:tolerance=1|2|3|4,tree=auto; vadusa:tolerance=3,tree=chain; vadusa:acceptance=typical|lossless; "
-    "block:threshold=0.01|0.02|0.05|0.1"
+    "block:threshold=0.3|0.35|0.4; block:unmask=any,threshold=0.02|0.1"
 )  # every shipped decoder at its recommended settings plus the key sweeps (~10 min for 20 texts on 2 cores)
-QUICK_CONFIGS = "vadusa:tolerance=3; block:threshold=0.02"  # a couple of minutes
+QUICK_CONFIGS = "vadusa:tolerance=3; block"  # a couple of minutes
 
 
 def task_from_pipeline(pipe, texts: list[str], voice: str | None = None, temperature: float = 1.0) -> BenchTask:

@@ -281,17 +281,19 @@ def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold,
 def block_factory(
     model,
     assets=None,
-    threshold: float = 0.02,
+    threshold: float = 0.35,
     block_size: int | None = None,
     adapter=None,
-    unmask: str = "any",
+    unmask: str = "prefix",
     approximate_cache: bool = False,
-    sliding: bool = False,
+    sliding: bool | None = None,
 ):
     """The "block" entry of `vadusa.decoders`: a distilled adapter merged into a copy of `model`.
 
     `adapter` is the adapter directory (default <assets>/block); `block_size` defaults to the one it was
-    distilled for; `unmask` is the rule of `generate`; `run(input_ids, **kw)` calls `generate`.
+    distilled for; `run(input_ids, **kw)` calls `generate`. The other options are `generate`'s, but their
+    defaults are the quality point measured on the demo (README): the prefix rule in sliding windows (sliding
+    defaults to `unmask == "prefix"`) at threshold 0.35, where `generate` keeps Fast-dLLM's rule and 0.02.
     """
     from pathlib import Path
 
@@ -303,6 +305,7 @@ def block_factory(
     student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
     check_block_options(block_size, threshold, unmask)
+    sliding = unmask == "prefix" if sliding is None else sliding
     return lambda input_ids, **kw: generate(
         student, input_ids, block_size, threshold, unmask=unmask, approximate_cache=approximate_cache,
         sliding=sliding, **kw
