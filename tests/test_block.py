@@ -540,6 +540,11 @@ def test_decoder_registry_entry(assets):
     ref = generate(merged, prompt, config.block_size, 0.35, max_new_tokens=40, unmask="prefix", sliding=True,
                    generator=torch.Generator().manual_seed(2))  # fmt: skip
     assert torch.equal(out.sequences, ref.sequences)  # the registry's defaults: the demo's quality point
+    fixed = build_decoder("block", model, assets, approximate_cache=True)  # asks for fixed blocks: no sliding
+    out = fixed(prompt, max_new_tokens=40, generator=torch.Generator().manual_seed(2))
+    ref = generate(merged, prompt, config.block_size, 0.35, max_new_tokens=40, unmask="prefix",
+                   approximate_cache=True, generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert torch.equal(out.sequences, ref.sequences)
     plain = generate(model, prompt, 4, 0.05, max_new_tokens=40, generator=torch.Generator().manual_seed(2),
                      mask_token_id=MASK)  # fmt: skip
     assert not torch.equal(plain.sequences, out.sequences)  # the adapter is applied

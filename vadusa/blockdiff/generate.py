@@ -292,8 +292,9 @@ def block_factory(
 
     `adapter` is the adapter directory (default <assets>/block); `block_size` defaults to the one it was
     distilled for; `run(input_ids, **kw)` calls `generate`. The other options are `generate`'s, but their
-    defaults are the quality point measured on the demo (README): the prefix rule in sliding windows (sliding
-    defaults to `unmask == "prefix"`) at threshold 0.35, where `generate` keeps Fast-dLLM's rule and 0.02.
+    defaults are the quality point measured on the demo (README): the prefix rule in sliding windows at
+    threshold 0.35, where `generate` keeps Fast-dLLM's rule and 0.02. `sliding` defaults to on with the prefix
+    rule unless `approximate_cache` asks for fixed blocks.
     """
     from pathlib import Path
 
@@ -305,7 +306,7 @@ def block_factory(
     student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
     check_block_options(block_size, threshold, unmask)
-    sliding = unmask == "prefix" if sliding is None else sliding
+    sliding = unmask == "prefix" and not approximate_cache if sliding is None else sliding
     return lambda input_ids, **kw: generate(
         student, input_ids, block_size, threshold, unmask=unmask, approximate_cache=approximate_cache,
         sliding=sliding, **kw
