@@ -4,18 +4,21 @@
 
 Prints, for n in 1, 4, 8, 16, 32, 64, 128: the engine's verification pass (vadusa.cost.verify_pass:
 4D tree mask, position ids, pre-allocated cache), a bare `model(...)` forward of the same n tokens on a
-DynamicCache with transformers' own causal mask, and their ratio (the engine's overhead), all
-interleaved round by round and reported as medians. Without
---model it uses the shipped demo LM if present, else a random 4-layer 256-wide Llama.
+DynamicCache with transformers' own causal mask, their ratio (the engine's overhead), and the engine's
+pass on a copy of the model with `vadusa.transpose_linear_weights` (the CPU layout the demo pipeline
+uses), all interleaved round by round and reported as medians; "x AR step" divides by the same layout's
+1-token pass. Without --model it uses the shipped demo LM if present, else a random 4-layer 256-wide Llama.
 """
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from vadusa.cost import interleaved_medians, verify_pass
+from vadusa.cpu import transpose_linear_weights
 
 DEMO_LM = Path(__file__).resolve().parents[1] / "vadusa" / "assets" / "demo" / "lm"
 
@@ -66,15 +69,20 @@ def main():
         f"{name}: {params:.1f}M params, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"prefix {args.prefix}"
     )
-    print("nodes | engine verify ms | x AR step | bare forward ms | engine / bare")
+    print("nodes | engine verify ms | x AR step | bare forward ms | engine / bare | transposed ms | x AR step")
     sizes = (1, 4, 8, 16, 32, 64, 128)
+    transposed = transpose_linear_weights(copy.deepcopy(model))
     fns = {("engine", n): verify_pass(model, n, args.prefix) for n in sizes}
     fns |= {("bare", n): bare_forward(model, n, args.prefix) for n in sizes}
+    fns |= {("transposed", n): verify_pass(transposed, n, args.prefix) for n in sizes}
     t = interleaved_medians(fns, args.repeats)
     for n in sizes:
-        engine, bare = t[("engine", n)], t[("bare", n)]
-        ar = t[("engine", 1)]
-        print(f"{n:5d} | {engine * 1e3:16.2f} | {engine / ar:9.2f} | {bare * 1e3:15.2f} | {engine / bare:13.2f}")
+        engine, bare, moved = t[("engine", n)], t[("bare", n)], t[("transposed", n)]
+        ar, moved_ar = t[("engine", 1)], t[("transposed", 1)]
+        print(
+            f"{n:5d} | {engine * 1e3:16.2f} | {engine / ar:9.2f} | {bare * 1e3:15.2f} | {engine / bare:13.2f} | "
+            f"{moved * 1e3:13.2f} | {moved / moved_ar:9.2f}"
+        )
 
 
 if __name__ == "__main__":
