@@ -136,10 +136,9 @@ def generate(
     `block_size` inputs instead of stepping through fixed blocks (see above; block-causal students only;
     sliding needs `unmask="prefix"`). `mask_token_id`, `causal_clean` (how a completed block is committed:
     causally, or bidirectionally within the block, as in training) and `teacher_prefix` (see above) default
-    to the model config's
-    `mask_token_id` / `block_causal_clean` / `block_teacher_prefix`, set by `load_student`. `accepted_lengths`
-    holds the targets decided by each forward after the first. The returned `cache` is None: block-causal
-    keys and values are not an auto-regressive cache to continue from.
+    to the model config's `mask_token_id` / `block_causal_clean` / `block_teacher_prefix`, set by
+    `load_student`. `accepted_lengths` holds the targets decided by each forward after the first. The
+    returned `cache` is None: block-causal keys and values are not an auto-regressive cache to continue from.
     """
     check_block_options(block_size, threshold, unmask)
     mask_token_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
