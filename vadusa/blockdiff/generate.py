@@ -110,6 +110,20 @@ def shifted(index: list[int], offset: int, device=None) -> slice | torch.Tensor:
     return torch.tensor(index, device=device) + offset
 
 
+def forward_window(body, cache, masks: MaskBuffer, commit, window, causal_commit: bool) -> torch.Tensor:
+    """One forward of [commit ; window] after the cache, under the decoding mask -> (c + w, D) hidden states.
+
+    The commit sees the cache and itself (causally if `causal_commit`), the window sees everything before it
+    and itself; both are appended to the cache (callers crop what they do not keep)."""
+    past = cache.get_seq_length()
+    ids = torch.cat([commit, window])[None]  # (1, c + w)
+    mask = masks.take(past, len(commit), len(window), causal_commit)
+    positions = torch.arange(past, past + ids.shape[1], device=ids.device)[None]
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    masks.clear()
+    return out.last_hidden_state[0]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -186,15 +200,10 @@ def generate(
             window = seq[start : p - 1 + n]  # (w,) inputs up to the block's last target but one
             fed = [q < p or values[q - p] is not None for q in range(start, p - 1 + n)]  # (w,) input decided
             clean = all(fed)  # no mask token among the window's inputs
-            ids = torch.cat([commit, window])[None]  # (1, c + w)
-            mask = masks.take(past, len(commit), len(window), causal_commit)
-            positions = torch.arange(past, past + ids.shape[1], device=device)[None]
             if split is not None:
                 split.count = len(commit) if teacher_prefix else 0
-            hidden = body(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=d.cache, use_cache=True
-            ).last_hidden_state[0, max(0, p - 1 - past) :]  # (r, D) rows of inputs p-1 ... p+n-2: targets n-r .. n-1
-            masks.clear()
+            hidden = forward_window(body, d.cache, masks, commit, window, causal_commit)
+            hidden = hidden[max(0, p - 1 - past) :]  # (r, D) rows of inputs p-1 ... p+n-2: targets n-r .. n-1
             first_pass = d.forward_passes == 0
             d.forward_passes += 1
             teacher_row = teacher_prefix and len(commit) > 0  # this forward draws target p from the base
@@ -247,7 +256,7 @@ def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold,
     ones is decided (prefix rule), the k decided rows stay in the cache (settled: their targets are decided),
     and the next window starts at the first newly decided input.
     """
-    seq, device = d.seq[0], d.seq.device
+    seq = d.seq[0]
     start = d.prompt_len - 1  # first input not in the cache; inputs start .. p-1 are decided
     commit = d.prompt[0, :start]  # the prefill: the prompt before its last token, causal
     while not d.done:
@@ -255,14 +264,7 @@ def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold,
         n = min(size - (p - start) + 1, d.max_new_tokens - (p - d.prompt_len))  # targets p .. p+n-1
         seq[p : p + n - 1] = mask_token_id
         window = seq[start : p - 1 + n]  # (w,) w = (p - start) + n - 1 <= size
-        past = d.cache.get_seq_length()
-        ids = torch.cat([commit, window])[None]  # (1, c + w)
-        mask = masks.take(past, len(commit), len(window), True)
-        positions = torch.arange(past, past + ids.shape[1], device=device)[None]
-        hidden = body(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=d.cache, use_cache=True
-        ).last_hidden_state[0, -n:]  # (n, D) rows of inputs p-1 .. p+n-2: targets p .. p+n-1
-        masks.clear()
+        hidden = forward_window(body, d.cache, masks, commit, window, True)[-n:]  # (n, D) inputs p-1 .. p+n-2
         tokens, chosen = sample_and_select(probs_of(hidden), temperature, threshold, generator, prefix=True)
         decided = tokens[: int(chosen.sum())].tolist()  # the leading run, >= 1 target
         if d.forward_passes > 0:
