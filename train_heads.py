@@ -25,7 +25,7 @@ import torch
 from vadusa import accuracy as acc_lib
 from vadusa import train as train_lib
 from vadusa.draft import vadusa_factory
-from vadusa.heads import DraftHeads
+from vadusa.drafter import load_drafter
 
 ROOT = Path(__file__).resolve().parent
 
@@ -106,12 +106,12 @@ def main(argv=None):
         train_lib.build_cache(model, prompts, config, args.cache, processor, eos, caps=caps)
     if args.train or args.resume:
         heads = train_lib.train(model, config, args.cache, args.out, resume=args.resume)
-        print(json.dumps(train_lib.evaluate(heads, train_lib.load_cache(args.cache), config.loss)))
+        print(json.dumps(train_lib.evaluate(heads, train_lib.load_cache(args.cache), config.loss, model=model)))
 
     if args.accuracy:
         if heldout is None:
             raise SystemExit("--accuracy needs --heldout FILE")
-        heads = DraftHeads.from_pretrained(args.out, model)
+        heads = load_drafter(args.out, model)
         base = vadusa_factory(model, None, heads=str(args.out), tree="chain").model  # merged LoRA if joint
         report = acc_lib.measure_accuracy(
             base, heads, heldout[0], max_rank=args.max_rank, max_new_tokens=heldout[1],
@@ -121,7 +121,7 @@ def main(argv=None):
         print(json.dumps({r: [round(a[0], 3) for a in t] for r, t in report["acc"].items()}))
 
     if args.build_trees:
-        heads = DraftHeads.from_pretrained(args.out, model)
+        heads = load_drafter(args.out, model)
         report = acc_lib.load_accuracy(args.out / acc_lib.ACCURACY_NAME, heads)
         states_file = args.out / acc_lib.STATES_NAME
         states = acc_lib.load_states(states_file, report["heads"]) if states_file.is_file() else None
@@ -129,6 +129,7 @@ def main(argv=None):
             model, heads, report, args.trees_dir, args.name, heads_dir=args.out,
             max_nodes=args.max_nodes, max_rank=args.max_rank, states=states,
             sweep_sizes=[int(n) for n in args.sweep_sizes.split(",") if n], sweep_dir=args.sweep_dir,
+            logits_processor=processor,
         )  # fmt: skip
         acc_lib.save_accuracy(summary, args.out / "trees.json")
         for rule, s in summary["rules"].items():

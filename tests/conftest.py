@@ -37,7 +37,9 @@ def tiny_gpt2(vocab: int = 48, seed: int = 0) -> GPT2LMHeadModel:
 TEST_PROMPT = [3, 17, 5, 40, 22, 9]  # the prompt the greedy tests decode from
 
 
-def fitted_heads(model, num_heads: int = 4, steps: int = 150, seed: int = 0, root_token: bool = False):
+def fitted_heads(
+    model, num_heads: int = 4, steps: int = 150, seed: int = 0, root_token: bool = False, shared_output: bool = False
+):
     """Random (non-zero) heads, then a few Adam steps towards the model's own greedy future tokens.
 
     Gives heads that are right often enough for several tokens to be accepted per step, so tests
@@ -45,10 +47,13 @@ def fitted_heads(model, num_heads: int = 4, steps: int = 150, seed: int = 0, roo
     `root_token` heads also read the token after each state (vadusa.heads).
     """
     gen = torch.Generator().manual_seed(seed)
-    heads = vadusa.DraftHeads.from_model(model, num_heads=num_heads, num_layers=1, root_token=root_token)
+    heads = vadusa.DraftHeads.from_model(
+        model, num_heads=num_heads, num_layers=1, root_token=root_token, shared_output=shared_output
+    )
     with torch.no_grad():
         for p in heads.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    heads.bind(model)
     vocab = heads.config.vocab_size
     prompts = torch.randint(0, vocab, (31, len(TEST_PROMPT)), generator=gen)
     prompts = torch.cat([prompts, torch.tensor([TEST_PROMPT]) % vocab])
@@ -77,3 +82,36 @@ def medusa_tree() -> vadusa.Tree:
 
     local = Path(__file__).parent / "data" / "medusa_mc_sim_7b_63.json"
     return vadusa.Tree.from_paths(json.loads(local.read_text())["paths"])
+
+
+def fitted_drafter(model, depth: int = 4, steps: int = 120, seed: int = 0):
+    """A feature drafter fitted for a few Adam steps to the model's own greedy and sampled futures
+    (the training-time-test unroll of `FeatureDrafter.unrolled_features`, cross-entropy on the true tokens)."""
+    from vadusa.drafter import FeatureDrafter
+
+    gen = torch.Generator().manual_seed(seed)
+    drafter = FeatureDrafter.from_model(model, depth=depth, seed=seed)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (15, len(TEST_PROMPT)), generator=gen)
+    prompts = torch.cat([prompts, torch.tensor([TEST_PROMPT]) % vocab])
+    with torch.no_grad():
+        greedy = model.generate(prompts, max_new_tokens=100, do_sample=False, min_new_tokens=100)
+        sampled = model.generate(prompts, max_new_tokens=100, do_sample=True, top_k=0, min_new_tokens=100)
+        seqs = torch.cat([greedy, sampled])  # (B, T + 1)
+        feats = model(seqs, output_hidden_states=True).hidden_states[-1][:, :-1]  # (B, T, D)
+        embed = model.get_input_embeddings().weight
+        out_weight = model.get_output_embeddings().weight.detach()
+        emb = embed[torch.cat([seqs[:, 1:], seqs[:, -1:].expand(-1, depth)], 1)]  # (B, T + depth, D)
+    t = feats.shape[1]
+    opt = torch.optim.Adam(drafter.parameters(), lr=3e-3)
+    for _ in range(steps):
+        outs = drafter.unrolled_features(emb, feats, depth)
+        loss = 0
+        for k, out in enumerate(outs):  # step k, row j predicts x_{j+2+k}
+            rows = t - 1 - k
+            logits = out[:, :rows] @ out_weight.T
+            loss = loss + torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), seqs[:, 2 + k :].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return drafter.eval().requires_grad_(False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vadusa.accept import get_rule, greedy, lossless, sample, tolerance, typical
+from vadusa.accept import get_rule, greedy, sample
 
 
 def outcome_histogram(rule, probs, children, n=40000, seed=0):
@@ -41,13 +41,13 @@ def test_sample_never_draws_a_zero_probability_token_at_the_extremes(monkeypatch
 
 def test_lossless_output_is_distributed_as_the_base():
     children = torch.tensor([3, 2, 0])  # drafts in rank order, deliberately not the most likely tokens
-    tv = 0.5 * (outcome_histogram(lossless, PROBS, children) - PROBS).abs().sum()
+    tv = 0.5 * (outcome_histogram(get_rule("lossless"), PROBS, children) - PROBS).abs().sum()
     assert tv < 0.012  # 5 cells, n=40000: E[TV] ~ 0.006
 
 
 def test_tolerance_is_lossy_in_the_direction_of_the_drafts():
     children = torch.tensor([3])
-    hist = outcome_histogram(lambda p, c, g: tolerance(p, c, g, tau=3), PROBS, children)
+    hist = outcome_histogram(get_rule("tolerance", tau=3), PROBS, children)
     assert hist[3] == pytest.approx(1 - (1 - 0.2) ** 3, abs=0.01)  # accepted iff one of 3 draws hits it
 
 
@@ -55,8 +55,8 @@ def test_greedy_and_typical():
     assert greedy(PROBS, torch.tensor([2, 1]), None) == (1, 1)
     assert greedy(PROBS, torch.tensor([2, 3]), None) == (-1, 1)
     # entropy of PROBS ~1.42 nats: threshold = min(0.09, 0.3 * exp(-1.42)) ~ 0.0725 -> 0.05 rejected, 0.1 accepted
-    assert typical(PROBS, torch.tensor([0, 4]), torch.Generator().manual_seed(0))[0] == 1
-    j, nxt = typical(PROBS, torch.tensor([0]), torch.Generator().manual_seed(0))
+    assert get_rule("typical")(PROBS, torch.tensor([0, 4]), torch.Generator().manual_seed(0))[0] == 1
+    j, nxt = get_rule("typical")(PROBS, torch.tensor([0]), torch.Generator().manual_seed(0))
     assert j == -1 and 0 <= nxt < 5
 
 

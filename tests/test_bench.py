@@ -119,3 +119,25 @@ def test_compare_cli_reports_bad_inputs(tmp_path, capsys):
     argv[-1] = str(tmp_path / "out")
     assert decode.main(argv + ["--configs", "ar:nonsense=1"]) == 2
     assert "unknown option(s) ['nonsense']" in capsys.readouterr().err
+
+
+def test_cer_intervals_and_paired_differences(report):
+    """Each row's CER is the mean over texts x repeats, with a bootstrap interval around it; the paired
+    difference to `ar` is computed on the same texts and seeds (so `ar` vs itself is exactly 0)."""
+    import numpy as np
+
+    from vadusa.bench import bootstrap_interval
+
+    rows = {json.dumps(r["config"]) + r["decoder"]: r for r in report["rows"]}
+    ar = rows["{}ar"]
+    assert ar["cer_diff_vs_ar"] == 0.0 and ar["cer_diff_ci"] == [0.0, 0.0]
+    for r in report["rows"]:
+        lo, hi = r["cer_ci"]
+        assert lo <= r["cer"] <= hi
+        dlo, dhi = r["cer_diff_ci"]
+        assert dlo <= r["cer_diff_vs_ar"] <= dhi
+        assert r["cer_diff_vs_ar"] == pytest.approx(r["cer"] - ar["cer"])
+    # the interval of a known sample: mean 0.5, sd 0.5 / sqrt(400) -> about 0.5 +- 0.049
+    values = np.random.default_rng(1).integers(0, 2, 400).tolist()
+    lo, hi = bootstrap_interval(values)
+    assert 0.08 < hi - lo < 0.11 and lo < statistics.mean(values) < hi

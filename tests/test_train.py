@@ -61,6 +61,7 @@ def test_cache_matches_the_base(caches):
     torch.testing.assert_close(cache.teacher_probs[a : a + n], top.values, atol=1e-5, rtol=1e-4)
     assert torch.equal(cache.teacher_ids[a : a + n], top.indices)
     assert len(cache.lengths) == 160 and len(cache.gen) == int(cache.lengths.sum())
+    torch.testing.assert_close(cache.prompt_hidden[s], states[: p - 1], atol=1e-5, rtol=1e-4)  # feature drafters
 
 
 @pytest.mark.parametrize("loss", ["kl", "ce"])
@@ -75,6 +76,27 @@ def test_short_training_lowers_loss_and_raises_top1(caches, tmp_path, loss):
     assert mean(after["loss"]) < mean(before["loss"]) - 0.1, (before, after)
     assert mean(after["top1"]) > mean(before["top1"]) + 0.01, (before, after)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoint.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["shared", "feature"])
+def test_short_training_of_each_kind_lowers_loss_and_raises_top1(caches, tmp_path, kind):
+    """Heads sharing the base's output layer, and the feature drafter (unrolled, on whole sequences)."""
+    model, train_dir, test_dir = caches
+    options = {"shared_output": True} if kind == "shared" else {"kind": "feature", "batch_sequences": 16, "steps": 60}
+    config = train.TrainConfig(**{**CONFIG, **options})
+    held_out = train.load_cache(test_dir)
+    fresh = (
+        vadusa.DraftHeads.from_model(model, 4, 1, True, shared_output=True)
+        if kind == "shared"
+        else vadusa.FeatureDrafter.from_model(model, depth=4)
+    )
+    before = train.evaluate(fresh, held_out, model=model)
+    trained = train.train(model, config, train_dir, tmp_path, progress=False)
+    after = train.evaluate(trained, held_out, model=model)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(after["loss"]) < mean(before["loss"]) - 0.1, (before, after)
+    assert mean(after["top1"]) > mean(before["top1"]) + 0.01, (before, after)
+    assert type(vadusa.load_drafter(tmp_path, model)) is type(fresh)
 
 
 def test_root_token_heads_learn_what_medusa_heads_cannot_see(caches, tmp_path):

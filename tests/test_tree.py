@@ -71,3 +71,39 @@ def test_bad_tree_files_raise(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         Tree.from_json(tmp_path / "bad.json")
+
+
+def all_trees(nodes: int, depth: int, ranks: int):
+    """Every valid tree of exactly `nodes` nodes (brute force): prefix-closed, ranks contiguous."""
+    trees = set()
+
+    def grow(tree: frozenset):
+        if len(tree) == nodes:
+            trees.add(tree)
+            return
+        for node in [()] + list(tree):
+            rank = sum(1 for p in tree if len(p) == len(node) + 1 and p[:-1] == node)
+            child = node + (rank,)
+            if len(child) <= depth and rank < ranks:
+                grow(tree | {child})
+
+    grow(frozenset())
+    return trees
+
+
+def test_optimal_tree_is_the_brute_force_optimum_and_bounds_greedy():
+    from vadusa.tree import best_trees, expected_accept_length, optimal_tree
+
+    g = torch.Generator().manual_seed(0)
+    gaps = []
+    for trial in range(6):
+        acc = (torch.rand(3, 3, generator=g) * 0.6).tolist()  # ranks deliberately not sorted by value
+        for n in range(1, 7):
+            brute = max(expected_accept_length(t, acc) for t in all_trees(n, 3, 3))
+            paths, value = optimal_tree(acc, n)
+            assert len(paths) == n and abs(expected_accept_length(paths, acc) - value) < 1e-12
+            assert abs(value - brute) < 1e-12, (trial, n)
+            greedy = best_trees(acc, n)[n][1]
+            assert greedy <= value + 1e-12
+            gaps.append(value - greedy)
+    assert max(gaps) > 0.01  # with ranks out of order the greedy builder does fall short: the check has teeth

@@ -3,6 +3,7 @@
 from .accept import ACCEPTANCE_RULES
 from .cpu import transpose_linear_weights
 from .decoders import DECODERS, build_decoder
+from .drafter import DrafterConfig, FeatureDrafter, load_drafter
 from .generate import GenerationOutput, generate, generate_ar
 from .heads import DraftHeads, HeadsConfig
 from .tree import Tree
@@ -11,11 +12,14 @@ __all__ = [
     "ACCEPTANCE_RULES",
     "DECODERS",
     "DraftHeads",
+    "DrafterConfig",
+    "FeatureDrafter",
     "GenerationOutput",
     "HeadsConfig",
     "Tree",
     "build_decoder",
     "generate",
     "generate_ar",
+    "load_drafter",
     "transpose_linear_weights",
 ]

@@ -62,11 +62,28 @@ def tolerance_accept(p_cands: torch.Tensor, tau: int) -> torch.Tensor:
 def head_candidates(heads: DraftHeads, hidden: torch.Tensor, history: torch.Tensor, processor, k: int):
     """(G, H, k) the heads' top-k at every state, after the logits processor (history: prompt + gen, (P+G,))."""
     roots = history[len(history) - hidden.shape[0] :]  # (G,) the token each state's base distribution drew
-    logits = heads(hidden.to(heads.out_weight.dtype), roots).float()  # (G, H, V)
+    logits = heads(hidden.to(heads.dtype), roots).float()  # (G, H, V)
     if processor is not None:
         p_len = len(history) - hidden.shape[0]
         for i in range(hidden.shape[0]):  # the engine processes the heads with the history up to the root
             h = history[: p_len + i + 1][None].expand(logits.shape[1], -1)
+            logits[i] = processor(h, logits[i])
+    return torch.topk(logits, k, dim=-1).indices
+
+
+@torch.no_grad()
+def drafter_candidates(drafter, model, states: torch.Tensor, history: torch.Tensor, prompt_len: int, processor, k):
+    """(G, depth, k) a feature drafter's top-k at every state and depth, drafting along the sampled path (its own
+    features, the sampled tokens), after the logits processor. states (P+G-1, D) the base's, history (P+G,)."""
+    depth, start = drafter.config.depth, prompt_len - 1
+    ids = torch.cat([history[1:], history[-1:].expand(depth - 1)])  # (T + depth - 1,)
+    emb = model.get_input_embeddings().weight[ids].float()[None]
+    outs = drafter.unrolled_features(emb, states.float()[None], depth, start)
+    rows = [outs[0][0, start:]] + [o[0] for o in outs[1:]]  # depth x (G, D): root rows j = P-1+i
+    logits = torch.stack(rows, 1) @ model.get_output_embeddings().weight.float().T  # (G, depth, V)
+    if processor is not None:
+        for i in range(logits.shape[0]):  # the engine processes drafts with the history up to the root
+            h = history[: prompt_len + i + 1][None].expand(depth, -1)
             logits[i] = processor(h, logits[i])
     return torch.topk(logits, k, dim=-1).indices
 
@@ -177,7 +194,7 @@ def measure_accuracy(
         raise ValueError(f"got {len(caps)} max_new_tokens caps for {len(prompts)} prompts")
     heads.check_compatible(model)
     processor = as_processor(logits_processor)
-    h, k = heads.config.num_heads, max_rank + 1
+    h, k = heads.max_depth, max_rank + 1
     config = TrainConfig(max_new_tokens=max(caps), temperature=temperature, top_k=top_k)
     items: dict = {r: [] for r in rules}  # rule -> [(vals (G, H, R), valid (G, H))] per sequence
     kinds = [True] if "greedy" in rules else []  # greedy continuations for the greedy rule
@@ -187,8 +204,9 @@ def measure_accuracy(
         for b in range(0, len(prompts), batch):
             chunk = prompts[b : b + batch]
             rows = sample_batch(model, chunk, config, processor, eos_token_id, seed + b, greedy, caps[b : b + batch])
-            hiddens = batch_hidden(model, chunk, [g for g, _ in rows])
-            for prompt, (gen, lp), hidden in zip(chunk, rows, hiddens, strict=True):
+            hiddens = batch_hidden(model, chunk, [g for g, _ in rows])  # (P+G-1, D) each
+            for prompt, (gen, lp), states in zip(chunk, rows, hiddens, strict=True):
+                hidden = states[len(prompt) - 1 :]  # (G, D) the states before each generated token
                 history = torch.cat([torch.as_tensor(prompt, dtype=torch.long), gen])
                 cands = head_candidates(heads, hidden, history, processor, k)  # (G, H, K)
                 for rule in rules:
@@ -290,20 +308,6 @@ def load_accuracy(path: str | os.PathLike, heads: DraftHeads | None = None) -> d
 
 
 # ----- from accuracy tables to the trees a machine should use -----
-def heads_overhead(model, heads: DraftHeads, max_rank: int, repeats: int = 50) -> float:
-    """Median seconds of the per-step draft (all heads' logits + top-k), added to every verification pass."""
-    from .cost import interleaved_medians
-
-    hidden = torch.randn(heads.config.hidden_size, device=model.device)
-    root = torch.tensor(0, device=model.device)
-
-    @torch.no_grad()
-    def draft():
-        torch.topk(heads(hidden, root), max_rank + 1, dim=-1)
-
-    return interleaved_medians({"draft": draft}, repeats)["draft"]
-
-
 def build_trees(
     model,
     heads: DraftHeads,
@@ -316,21 +320,23 @@ def build_trees(
     max_rank: int | None = None,
     costs: dict | None = None,
     cost_repeats: int = 20,
-    prefix_len: int = 128,
     states: dict | None = None,
     sweep_sizes=(),
     sweep_dir: str | os.PathLike | None = None,
+    logits_processor=None,
 ) -> dict:
     """Best tree of every size per rule, the size maximising expected tokens/s on this machine, written out.
 
     Writes trees/<model>-<rule>-<size>.json and .png for the chosen size of each rule, and
-    <heads_dir>/tree-<rule>.json (what tree="auto" loads). `costs` defaults to a fresh
-    `vadusa.cost.step_costs` measurement. With `states` (`load_states`), each rule's size is chosen by
+    <heads_dir>/tree-<rule>.json (what tree="auto" loads). The cost of a size is a whole engine step on
+    that rule's best tree of that size (draft + verification pass + walk, `vadusa.cost.tree_step_costs`,
+    measured on a grid of sizes and interpolated between), unless `costs` ({"seconds": {nodes: s}}) is
+    given. With `states` (`load_states`), each rule's size is chosen by
     the renewal model's tokens per step on a grid of sizes (RENEWAL_SIZES) rather than by the table sum.
     `sweep_sizes`: also write the best tree of each of these sizes to `sweep_dir` (for measured sweeps).
     Returns {"costs", "overhead", "rules": {rule: {...}}}.
     """
-    from .cost import step_costs
+    from .cost import tree_step_costs
     from .tree import Tree, best_trees, choose_tree_size, draw_tree
 
     if sweep_sizes and sweep_dir is None:
@@ -339,17 +345,18 @@ def build_trees(
         raise ValueError(f"accuracy report is for heads {report['heads']}, these heads are {heads_fingerprint(heads)}")
     rules = list(rules or report["acc"])
     rank_limit = report["max_rank"] if max_rank is None else min(max_rank, report["max_rank"])
-    if costs is None:
-        sizes = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= max_nodes} | {max_nodes + 1})
-        costs = step_costs(model, sizes=sizes, prefix_len=prefix_len, repeats=cost_repeats)
-    overhead = heads_overhead(model, heads, rank_limit)
     trees_dir = Path(trees_dir)
     trees_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"costs": costs, "overhead": overhead, "rules": {}}
+    summary = {"costs": {}, "rules": {}}
     for rule in rules:
         acc = report["acc"][rule]
         trees = best_trees(acc, max_nodes, rank_limit)
-        size, rows = choose_tree_size(trees, costs["seconds"], overhead)
+        rule_costs = costs
+        if rule_costs is None:
+            grid = {n: trees[n][0] for n in RENEWAL_SIZES if n in trees}
+            rule_costs = tree_step_costs(model, heads, grid, logits_processor, cost_repeats)
+        summary["costs"][rule] = rule_costs
+        size, rows = choose_tree_size(trees, rule_costs["seconds"])
         predicted = 1 + trees[size][1]
         if states is not None and rule in states:  # renewal model on a grid of sizes: choose by it
             for row in rows:
@@ -369,7 +376,8 @@ def build_trees(
             "expected_tokens_per_step": predicted,  # renewal model when states were given, else 1 + table sum
             "table_tokens_per_step": 1 + expected,
             "heads": report["heads"],
-            "threads": costs.get("threads"),
+            "threads": rule_costs.get("threads"),
+            "step_cost_ar_steps": rule_costs.get("relative", {}).get(size + 1),
         }
         tree = Tree.from_paths(paths, meta)
         stem = f"{model_name}-{rule}-{size}"

@@ -15,9 +15,11 @@ report.json schema (stable; extra keys may be added, none removed):
                 "forward_passes_per_token", "cer", "nll_per_token", "rtf", "peak_mem_mb",
                 "seconds": [per repeat], "new_tokens": [per repeat]}]
     tokens_per_second = median over repeats of (new tokens / seconds) summed over all texts;
-    mean_accepted = tokens per verification pass after the prefill; cer = mean judge CER over texts (null
-    without a judge); nll_per_token = the base model's NLL of the generated tokens (teacher-forced, raw
-    logits at temperature 1: a drift measure); rtf = decoding seconds / audio seconds (null without audio);
+    mean_accepted = tokens per verification pass after the prefill; cer = mean judge CER over every synthesis
+    (texts x repeats; null without a judge); cer_ci = its 95% bootstrap interval over texts (each text's mean
+    over repeats resampled); cer_diff_vs_ar / cer_diff_ci = the mean paired difference to the `ar` row on the
+    same texts and seeds, and its 95% bootstrap interval; nll_per_token = the base model's NLL of the
+    generated tokens (teacher-forced, raw logits at temperature 1: a drift measure); rtf = decoding seconds / audio seconds (null without audio);
     peak_mem_mb = peak resident memory of the process while the row ran (CUDA: peak allocated).
 """
 
@@ -229,7 +231,8 @@ def run_benchmark(
     seconds = [[0.0] * repeats for _ in rows]
     tokens = [[0] * repeats for _ in rows]
     passes, accepted, steps = [0] * n_rows, [0] * n_rows, [0] * n_rows
-    first = [[None] * n_texts for _ in rows]  # outputs of repeat 0, scored for CER and NLL
+    outputs = [[[None] * repeats for _ in range(n_texts)] for _ in rows]  # every output, scored for CER
+
     bar = tqdm(total=repeats * n_texts * n_rows, desc="compare", disable=not progress)
     with PeakMemory(n_rows) as memory:
         for rep, i in itertools.product(range(repeats), range(n_texts)):
@@ -244,21 +247,31 @@ def run_benchmark(
                 passes[k] += out.forward_passes
                 accepted[k] += sum(out.accepted_lengths)
                 steps[k] += len(out.accepted_lengths)
-                if rep == 0:
-                    first[k][i] = out
+                outputs[k][i][rep] = out
                 bar.update()
     bar.close()
 
     tps = [statistics.median(t / s for t, s in zip(tokens[k], seconds[k], strict=True)) for k in range(n_rows)]
-    tps_ar, tps_hf = (tps[next(k for k, r in enumerate(rows) if r.label == b)] for b in ("ar", "hf-generate"))
+    k_ar, k_hf = (next(k for k, r in enumerate(rows) if r.label == b) for b in ("ar", "hf-generate"))
+    tps_ar, tps_hf = tps[k_ar], tps[k_hf]
+    per_text = None  # (rows, texts) mean CER over repeats
+    if task.score:
+        per_text = [
+            [statistics.mean(task.score(text, o) for o in outputs[k][i]) for i, text in enumerate(task.texts)]
+            for k in range(n_rows)
+        ]
     report_rows = []
     for k, row in enumerate(rows):
-        outs = first[k]
-        cer = (
-            statistics.mean(task.score(text, o) for text, o in zip(task.texts, outs, strict=True))
-            if task.score
-            else None
-        )
+        outs = [outputs[k][i][0] for i in range(n_texts)]  # repeat 0: NLL and RTF
+        cer = statistics.mean(per_text[k]) if per_text else None
+        quality = {"cer_ci": None, "cer_diff_vs_ar": None, "cer_diff_ci": None}
+        if per_text:
+            diff = [a - b for a, b in zip(per_text[k], per_text[k_ar], strict=True)]
+            quality = {
+                "cer_ci": bootstrap_interval(per_text[k], seed),
+                "cer_diff_vs_ar": statistics.mean(diff),
+                "cer_diff_ci": bootstrap_interval(diff, seed),
+            }
         audio = sum(o.new_tokens for o in outs) / task.tokens_per_audio_second if task.tokens_per_audio_second else 0
         report_rows.append(
             {
@@ -270,6 +283,7 @@ def run_benchmark(
                 "mean_accepted": accepted[k] / max(steps[k], 1),
                 "forward_passes_per_token": passes[k] / max(sum(tokens[k]), 1),
                 "cer": cer,
+                **quality,
                 "nll_per_token": nll_per_token(task.model, [o.sequences for o in outs], [o.new_tokens for o in outs]),
                 "rtf": sum(o.seconds for o in outs) / audio if audio else None,
                 "peak_mem_mb": memory.peak[k],
@@ -285,6 +299,16 @@ def run_benchmark(
         "seed": seed,
         "rows": report_rows,
     }
+
+
+def bootstrap_interval(values: list[float], seed: int = 0, level: float = 0.95, resamples: int = 2000) -> list:
+    """[low, high] percentile bootstrap interval of the mean of `values` (resampled with replacement)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    means = np.random.default_rng(seed).choice(x, size=(resamples, len(x)), replace=True).mean(1)
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
 
 def validate_report(report: dict) -> None:
@@ -320,6 +344,13 @@ def _fmt(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _with_ci(value, ci, sign: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:{sign}.3f}"
+    return text + (f" [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]" if ci else "")
+
+
 def markdown_table(report: dict) -> str:
     """The rows as a Markdown table, fastest first."""
     m = report["machine"]
@@ -327,16 +358,18 @@ def markdown_table(report: dict) -> str:
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads), "
         f"{report['texts']} texts x {report['repeats']} repeats: `{report['command']}`",
         "",
-        "| decoder | config | tokens/s | vs ar | vs hf | accepted/step | passes/token | CER | NLL/token | RTF "
-        "| peak MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decoder | config | tokens/s | vs ar | vs hf | accepted/step | passes/token | CER [95% CI] "
+        "| CER - ar [95% CI] | NLL/token | RTF | peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(report["rows"], key=lambda r: -r["speedup_vs_ar"]):
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "-"
         lines.append(
             f"| {r['decoder']} | {config} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
             f"{r['speedup_vs_hf']:.2f}x | {r['mean_accepted']:.2f} | {r['forward_passes_per_token']:.3f} | "
-            f"{_fmt(r['cer'], 3)} | {r['nll_per_token']:.3f} | {_fmt(r['rtf'], 3)} | {r['peak_mem_mb']:.0f} |"
+            f"{_with_ci(r.get('cer'), r.get('cer_ci'))} | "
+            f"{_with_ci(r.get('cer_diff_vs_ar'), r.get('cer_diff_ci'), '+')} | "
+            f"{r['nll_per_token']:.3f} | {_fmt(r['rtf'], 3)} | {r['peak_mem_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -361,17 +394,22 @@ def plot_pareto(report: dict, path: Path) -> None:
     use_cer = all(r["cer"] is not None for r in rows)
     x_key = "cer" if use_cer else "nll_per_token"
     points = [(r[x_key], r["speedup_vs_ar"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r, (x, y) in zip(rows, points, strict=True):
-        ax.scatter(x, y, s=30)
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for n, (r, (x, y)) in enumerate(zip(rows, points, strict=True), start=1):
+        ci = r.get("cer_ci") if use_cer else None
+        xerr = [[x - ci[0]], [ci[1] - x]] if ci else None
         label = r["decoder"] + (" " + ",".join(f"{k}={v}" for k, v in r["config"].items()) if r["config"] else "")
-        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.errorbar(x, y, xerr=xerr, fmt="o", ms=5, capsize=2, lw=0.8, label=f"{n}: {label}")
+        # numbered markers, full labels in the legend: long labels never pile up on each other
+        ax.annotate(str(n), (x, y), fontsize=7, xytext=(4, 4 if n % 2 else -9), textcoords="offset points")
     front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto frontier")
-    ax.set_xlabel("CER (judge)" if use_cer else "NLL per token under the base (nats)")
+    ax.set_xlabel(
+        "CER (judge), 95% bootstrap interval over texts" if use_cer else "NLL per token under the base (nats)"
+    )
     ax.set_ylabel("speed-up vs ar (tokens/s ratio)")
     ax.set_title(f"vadusa A/B: {report['texts']} texts, {report['machine']['threads']} threads")
-    ax.legend()
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")

@@ -4,7 +4,7 @@
     out = run(input_ids, max_new_tokens=..., temperature=1.0, logits_processor=..., eos_token_id=..., generator=g)
 
 Artifacts (all in the heads directory, default <assets>/heads):
-    config.json + model.safetensors        the DraftHeads
+    config.json + model.safetensors        the draft model: DraftHeads, or a FeatureDrafter ("kind": "feature")
     tree-<rule>.json                       the tree the builder chose for a rule ("greedy", "tau1".."tau4")
     adapter_config.json + adapter_model.safetensors   optional joint-mode LoRA, merged into a copy of the base
 """
@@ -13,6 +13,7 @@ import copy
 from pathlib import Path
 
 from .accuracy import rule_name
+from .drafter import FeatureDrafter, load_drafter
 from .generate import generate
 from .heads import DraftHeads
 from .train import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -33,12 +34,12 @@ def resolve_heads_dir(assets: Path | None, heads) -> Path:
     return path
 
 
-def resolve_tree(tree, heads: DraftHeads, heads_dir: Path | None, acceptance: str, tolerance: int) -> Tree:
+def resolve_tree(tree, heads, heads_dir: Path | None, acceptance: str, tolerance: int) -> Tree:
     """A Tree from "auto" (the builder's choice for the rule), "chain", a JSON path or a Tree; checked vs heads."""
     if isinstance(tree, Tree):
         resolved = tree
     elif tree is None or tree == "chain":
-        resolved = Tree.chain(heads.config.num_heads)
+        resolved = Tree.chain(heads.max_depth)
     elif tree == "auto":
         name = f"tree-{rule_name(acceptance, tolerance)}.json"
         if heads_dir is None or not (heads_dir / name).is_file():
@@ -50,7 +51,7 @@ def resolve_tree(tree, heads: DraftHeads, heads_dir: Path | None, acceptance: st
         resolved = Tree.from_json(heads_dir / name)
     else:
         resolved = Tree.from_json(tree)
-    resolved.validate_for(heads.config.num_heads)
+    resolved.validate_for(heads.max_depth)
     return resolved
 
 
@@ -71,11 +72,12 @@ def vadusa_factory(
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
 ):
-    """Load heads (dir or DraftHeads), resolve the tree, merge a LoRA adapter if one sits beside the heads."""
+    """Load the draft model (a directory, DraftHeads or FeatureDrafter), resolve the tree, merge a LoRA adapter
+    if one sits beside the heads."""
     heads_dir = None
-    if not isinstance(heads, DraftHeads):
+    if not isinstance(heads, DraftHeads | FeatureDrafter):
         heads_dir = resolve_heads_dir(assets, heads)
-        heads = DraftHeads.from_pretrained(heads_dir, model)
+        heads = load_drafter(heads_dir, model)
     heads.check_compatible(model)
     heads.eval().requires_grad_(False)
     resolved = resolve_tree(tree, heads, heads_dir, acceptance, tolerance)

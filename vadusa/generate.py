@@ -19,6 +19,7 @@ from transformers import LogitsProcessorList
 
 from .accept import get_rule, sample
 from .cache import BufferCache, num_decoder_layers
+from .drafter import DraftSession, FeatureDrafter, tree_plan
 from .heads import DraftHeads
 from .tree import Tree
 
@@ -91,24 +92,30 @@ def as_processor(logits_processor) -> Processors | None:
     return Processors(logits_processor) if logits_processor else None
 
 
-def logits_to_probs(
+def scores_to_probs(
     scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k: int | None
 ) -> torch.Tensor:
-    """(V,) logits -> (V,) probabilities: logits processors (reading `history`), then temperature, then top-k.
+    """(N, V) logits -> (N, V) probabilities: logits processors (row i reading history[i]), then temperature,
+    then top-k.
 
     The order is transformers' own (processors, then temperature, then top-k), so `generate_ar` samples
     exactly what `model.generate(do_sample=True, temperature=T, top_k=K)` samples. At temperature 0 the
     distribution is the softmax of the processed scores and decoders take its argmax.
     """
-    scores = scores.float().unsqueeze(0)  # (1, V)
+    scores = scores.float()
     if processor is not None:
-        scores = processor(history, scores)
+        scores = processor(history.expand(scores.shape[0], -1), scores)
     if temperature > 0:
         scores = scores / temperature
         if top_k:
-            kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
+            kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.softmax(scores, dim=-1)[0]
+    return torch.softmax(scores, dim=-1)
+
+
+def logits_to_probs(scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k) -> torch.Tensor:
+    """(V,) logits -> (V,) probabilities (`scores_to_probs` of one row)."""
+    return scores_to_probs(scores[None], history, processor, temperature, top_k)[0]
 
 
 def draw(probs: torch.Tensor, temperature: float, generator) -> int:
@@ -205,7 +212,7 @@ def generate_ar(
 
 def draft_tokens(heads: DraftHeads, hidden, root: torch.Tensor, tree: Tree, history, processor) -> torch.Tensor:
     """(N+1,) tree tokens: the root (a 0-dim id), then each node's (head, rank) pick from the heads' top-k."""
-    logits = heads(hidden.to(heads.out_weight.dtype), root)  # (H, V)
+    logits = heads(hidden.to(heads.dtype), root)  # (H, V)
     if processor is not None:
         logits = processor(history.expand(logits.shape[0], -1), logits.float())
     top = torch.topk(logits, tree.max_rank + 1, dim=-1).indices  # (H, K)
@@ -232,10 +239,65 @@ def verify(body, tokens, tree_bias, depths, mask, cache, past: int) -> torch.Ten
     return states
 
 
+@dataclass
+class WalkBuffers:
+    """What the vectorised walk needs of a tree, built once per call."""
+
+    children: list[list[int]]  # children[i]: node ids of node i's children in rank order (the integer walk)
+    child_index: torch.Tensor  # (N+1, C) the same, -1 padded
+    by_depth: list[torch.Tensor]  # by_depth[d]: (n_d,) node ids at depth d
+    ancestors: torch.Tensor  # (N+1, depth) node id of each node's ancestor at depth 1.. (itself at its own)
+
+
+def walk_buffers(tree: Tree, device) -> WalkBuffers:
+    children = [c.tolist() for c in tree.children]
+    width = max(len(c) for c in children)
+    child_index = torch.full((len(tree), width), -1, dtype=torch.long)
+    for i, c in enumerate(children):
+        child_index[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    depths = tree.depths
+    ancestors = torch.zeros(len(tree), tree.depth, dtype=torch.long)
+    for i in range(len(tree)):
+        for a in tree.ancestor_mask[i].nonzero().flatten().tolist():
+            if a > 0:
+                ancestors[i, int(depths[a]) - 1] = a
+    by_depth = [(depths == d).nonzero().flatten().to(device) for d in range(tree.depth + 1)]
+    return WalkBuffers(children, child_index.to(device), by_depth, ancestors.to(device))
+
+
+def node_probs(logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k) -> torch.Tensor:
+    """(n, V) logits of every tree node -> (n, V) probabilities, each node's processors reading the history it
+    would have in AR decoding (prefix + its path): one processor call per depth, softmax once."""
+    if processor is None:
+        return scores_to_probs(logits, history, None, temperature, top_k)
+    scores = torch.empty_like(logits, dtype=torch.float32)  # (n, V)
+    for d, nodes in enumerate(buffers.by_depth):
+        path = tokens[buffers.ancestors[nodes, :d]]  # (n_d, d)
+        rows = torch.cat([history.expand(len(nodes), -1), path], dim=1)  # (n_d, T + d)
+        scores[nodes] = processor(rows, logits[nodes].float())
+    return scores_to_probs(scores, history, None, temperature, top_k)
+
+
+def walk(probs, tokens, buffers: WalkBuffers, rule, u) -> tuple[list[int], int]:
+    """The rule decides at every node at once (`rule.batch`); then an integer walk from the root.
+
+    Returns the accepted path (node ids, root first) and the next root: the rule's token where it stopped.
+    """
+    valid = buffers.child_index >= 0
+    child_tokens = torch.where(valid, tokens[buffers.child_index.clamp(min=0)], -1)  # (n, C)
+    index, token = rule.batch(probs, child_tokens, u)
+    index, token = index.tolist(), token.tolist()
+    node, path = 0, [0]
+    while index[node] >= 0:
+        node = buffers.children[node][index[node]]
+        path.append(node)
+    return path, token[node]
+
+
 @torch.no_grad()
 def generate(
     model,
-    heads: DraftHeads,
+    heads: "DraftHeads | FeatureDrafter",
     input_ids: torch.Tensor,
     tree: Tree | None = None,
     max_new_tokens: int = 256,
@@ -254,8 +316,8 @@ def generate(
 
     At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding.
     """
-    tree = tree if tree is not None else Tree.chain(heads.config.num_heads)
-    tree.validate_for(heads.config.num_heads)
+    tree = tree if tree is not None else Tree.chain(heads.max_depth)
+    tree.validate_for(heads.max_depth)
     heads.check_compatible(model)
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
     body, out_layer = split_model(model)
@@ -268,36 +330,38 @@ def generate(
     tree_bias = tree.attention_bias(dtype).to(device)  # (n, n)
     mask = torch.zeros(1, 1, n, d.seq.shape[1], dtype=dtype, device=device)  # (1, 1, n, capacity)
     depths = tree.depths.to(device)  # (n,)
-    children = [c.to(device) for c in tree.children]
+    buffers = walk_buffers(tree, device)
+    width = buffers.child_index.shape[1]
 
-    hidden = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
+    prompt_states = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
+    hidden = prompt_states[-1]  # (D,)
     d.forward_passes = 1
     probs = logits_to_probs(out_layer(hidden), d.prompt, processor, temperature, top_k)
     d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
+    feature = isinstance(heads, FeatureDrafter)
+    if feature:  # the drafter's own cache: rows (x_{j+1}, f_j) of the prompt, the root's last
+        session, plan = DraftSession(heads, model, d.seq.shape[1]), tree_plan(tree, dtype)
+        root_feat = session.commit(d.seq[0, 1 : d.length], prompt_states)  # (D,)
     while not d.done:
         past = d.length - 1  # cache holds everything before the root
         root = d.seq[0, past]  # 0-dim
-        tokens = draft_tokens(heads, hidden, root, tree, d.seq[:, : d.length], processor)  # (n,)
+        history = d.seq[:, : d.length]  # (1, past + 1)
+        if feature:
+            tokens = session.draft(plan, root, root_feat, history, processor)  # (n,)
+        else:
+            tokens = draft_tokens(heads, hidden, root, tree, history, processor)  # (n,)
 
         states = verify(body, tokens, tree_bias, depths, mask, d.cache, past)  # (n, D)
         d.forward_passes += 1
 
-        # Walk down from the root while the rule accepts a child; history = prefix + the node's path.
-        node, path = 0, [0]
-        while True:
-            history = d.seq[:, : past + len(path)]
-            probs = logits_to_probs(out_layer(states[node]), history, processor, temperature, top_k)  # (V,)
-            kids = children[node]
-            j, next_root = rule(probs, tokens[kids], generator)
-            if j < 0:
-                break
-            node = int(kids[j])
-            d.seq[0, past + len(path)] = tokens[node]
-            path.append(node)
+        probs = node_probs(out_layer(states), tokens, history, buffers, processor, temperature, top_k)  # (n, V)
+        path, next_root = walk(probs, tokens, buffers, rule, rule.uniforms(n, width, generator, device))
 
         d.cache.keep(past, torch.tensor(path, device=device))
-        hidden = states[node]
+        hidden = states[path[-1]]
         accepted = tokens[path[1:]].tolist() + [next_root]
+        if feature:
+            root_feat = session.commit(torch.tensor(accepted, device=device), states[path])
         length_before = d.length
         d.emit(accepted)
         d.accepted_lengths.append(d.length - length_before)

@@ -33,6 +33,7 @@ class HeadsConfig:
     vocab_size: int = 0  # the base model's vocabulary size the heads write
     base_model: str = ""  # name or path of the base model the heads were built for ("" = unknown)
     root_token: bool = False  # heads also read the root token x_{t+1} through a learned embedding (module doc)
+    shared_output: bool = False  # heads feed the base's own output layer: no private (H, V, D) weights
 
 
 def model_dims(model) -> tuple[int, int, str]:
@@ -51,19 +52,41 @@ class DraftHeads(nn.Module):
         h, n, d, v = config.num_heads, config.num_layers, config.hidden_size, config.vocab_size
         self.block_weight = nn.Parameter(torch.zeros(h, n, d, d))  # (H, L, D_out, D_in), zero: blocks start as identity
         self.block_bias = nn.Parameter(torch.zeros(h, n, d))  # (H, L, D)
-        self.out_weight = nn.Parameter(torch.zeros(h, v, d))  # (H, V, D)
+        if not config.shared_output:
+            self.out_weight = nn.Parameter(torch.zeros(h, v, d))  # (H, V, D)
+        self.shared_weight = None  # (V, D) the base's output layer when shared_output (bound, never saved)
         if config.root_token:
             self.root_embed = nn.Parameter(torch.zeros(v, d))  # (V, D), zero: fresh heads ignore the root
 
     @classmethod
-    def from_model(cls, model, num_heads: int = 4, num_layers: int = 1, root_token: bool = False) -> "DraftHeads":
-        """Fresh heads for `model`: residual blocks at zero, output layers copied (not shared) from the base."""
+    def from_model(
+        cls, model, num_heads: int = 4, num_layers: int = 1, root_token: bool = False, shared_output: bool = False
+    ) -> "DraftHeads":
+        """Fresh heads for `model`: residual blocks at zero, output layers copied from the base (or shared)."""
         hidden, vocab, name = model_dims(model)
-        heads = cls(HeadsConfig(num_heads, num_layers, hidden, vocab, name, root_token))
+        heads = cls(HeadsConfig(num_heads, num_layers, hidden, vocab, name, root_token, shared_output))
         base_out = model.get_output_embeddings().weight.detach()
-        with torch.no_grad():
-            heads.out_weight.copy_(base_out.to(heads.out_weight.dtype).expand(num_heads, -1, -1))
+        if shared_output:
+            heads.bind(model)
+        else:
+            with torch.no_grad():
+                heads.out_weight.copy_(base_out.to(heads.out_weight.dtype).expand(num_heads, -1, -1))
         return heads.to(base_out.device)
+
+    def bind(self, model) -> "DraftHeads":
+        """Read logits through `model`'s output layer (shared_output heads; a no-op for heads with their own)."""
+        if self.config.shared_output:  # a detached view: not a parameter of the heads, never trained or saved
+            self.shared_weight = model.get_output_embeddings().weight.detach()
+        return self
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest tree these heads can fill (one head per depth)."""
+        return self.config.num_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.block_weight.dtype
 
     def check_compatible(self, model) -> None:
         """Raise a clear error if these heads were built for a model of another shape or name."""
@@ -90,7 +113,12 @@ class DraftHeads(nn.Module):
 
     def forward(self, h: torch.Tensor, roots: torch.Tensor | None = None) -> torch.Tensor:
         """(..., D) states [and (...) root ids, read only by root_token heads] -> (..., H, V) logits of every head."""
-        return torch.einsum("...hd,hvd->...hv", self.hidden(h, roots), self.out_weight)
+        x = self.hidden(h, roots)  # (..., H, D)
+        if not self.config.shared_output:
+            return torch.einsum("...hd,hvd->...hv", x, self.out_weight)
+        if self.shared_weight is None:
+            raise ValueError("shared_output heads read the base's output layer: call heads.bind(model) first")
+        return x @ self.shared_weight.to(x.dtype).T  # (..., H, V)
 
     # ----- artifacts -----
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -125,5 +153,5 @@ class DraftHeads(nn.Module):
             raise ValueError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: {e}") from e
         if model is not None:
             heads.check_compatible(model)
-            heads.to(model.get_output_embeddings().weight.device)
+            heads.to(model.get_output_embeddings().weight.device).bind(model)
         return heads

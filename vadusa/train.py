@@ -18,6 +18,7 @@
 Token layout of one cached sequence with prompt length P and G generated tokens (EOS included):
     gen[i]      generated token i                          (G,)
     hidden[i]   base last hidden state at position P-1+i   (G, D)  = the state that predicts gen[i]
+    prompt_hidden[j]  base last hidden state at prompt position j < P-1   (P-1, D)  (read by feature drafters)
     teacher[i]  the base's processed distribution of gen[i] (top-k probabilities and ids)   (G, K)
 Checkpoints are one safetensors file (heads, LoRA, optimizer state, step) replaced atomically, so an
 interrupted run resumes bit-exactly: data order and learning rate are pure functions of (seed, step).
@@ -34,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .drafter import FeatureDrafter
 from .generate import as_processor, split_model
 from .heads import DraftHeads
 
@@ -45,9 +47,14 @@ TRAINING_RECORD = "training.json"
 
 @dataclass
 class TrainConfig:
-    num_heads: int = 4  # H draft heads; head k predicts the token k+2 positions after the last accepted one
+    kind: str = (
+        "heads"  # "heads": independent draft heads (vadusa.heads); "feature": a feature drafter (vadusa.drafter)
+    )
+    num_heads: int = 4  # H draft heads / depths unrolled: the deepest tree the draft model fills
     num_layers: int = 1  # residual SiLU blocks per head
     root_token: bool = True  # heads also read the root token x_{t+1} (vadusa.heads); False: plain Medusa heads
+    shared_output: bool = False  # heads feed the base's output layer instead of their own copies of it
+    feature_weight: float = 0.1  # feature drafter: weight of the feature regression (smooth L1) beside the KL
     mode: str = "frozen"  # "frozen": heads only on the cached states; "joint": peft LoRA on the base + heads
     loss: str = "kl"  # head loss: "kl" to the base's own distribution, "ce" on the sampled token
     temperature: float = 1.0  # sampling temperature of the base when building the cache
@@ -59,13 +66,13 @@ class TrainConfig:
     shard_size: int = 512  # sequences per cache shard
     steps: int = 1000  # optimizer steps
     batch_tokens: int = 1024  # frozen mode: hidden states (positions) per step
-    batch_sequences: int = 8  # joint mode: sequences per step
+    batch_sequences: int = 8  # joint mode and feature drafters: sequences per step
     lr: float = 1e-3  # peak learning rate of the heads (AdamW)
     lora_lr: float = 3e-4  # peak learning rate of the LoRA weights (joint mode)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of the peak
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    head_decay: float = 0.8  # joint mode: head k's loss is weighted head_weight * head_decay**k
+    head_decay: float = 0.8  # joint mode: head k's loss is weighted head_weight * head_decay**k; feature: decay**k
     head_weight: float = 0.2  # joint mode: weight of the head losses against the base's KL
     lora_rank: int = 8  # LoRA rank (joint mode)
     lora_alpha: int = 16  # LoRA alpha (joint mode)
@@ -75,6 +82,10 @@ class TrainConfig:
     seed: int = 0  # seeds sampling, LoRA init and data order
 
     def __post_init__(self):
+        if self.kind not in ("heads", "feature"):
+            raise ValueError(f"kind must be 'heads' or 'feature', got {self.kind!r}")
+        if self.kind == "feature" and self.mode != "frozen":
+            raise ValueError("a feature drafter trains on a frozen base: use mode='frozen'")
         if self.mode not in ("frozen", "joint"):
             raise ValueError(f"mode must be 'frozen' or 'joint', got {self.mode!r}")
         if self.loss not in ("kl", "ce"):
@@ -170,7 +181,8 @@ def last_hidden(model, prompt: list[int], gen: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_hidden(model, prompts: list[list[int]], gens: list[torch.Tensor]) -> list[torch.Tensor]:
-    """last_hidden for a batch, in one right-padded forward (causal: padding after a row never affects it)."""
+    """(P+G-1, D) per sequence: the base's last hidden states at positions 0 .. P+G-2, each predicting the next
+    token, from one right-padded forward (causal: padding after a row never affects it)."""
     body, _ = split_model(model)
     fulls = [torch.cat([torch.as_tensor(p, dtype=torch.long), g]) for p, g in zip(prompts, gens, strict=True)]
     width = max(len(f) for f in fulls)
@@ -178,7 +190,7 @@ def batch_hidden(model, prompts: list[list[int]], gens: list[torch.Tensor]) -> l
     for b, f in enumerate(fulls):
         ids[b, : len(f)] = f
     states = body(input_ids=ids.to(model.device)).last_hidden_state.float().cpu()  # (B, T, D)
-    return [states[b, len(p) - 1 : len(p) - 1 + len(g)] for b, (p, g) in enumerate(zip(prompts, gens, strict=True))]
+    return [states[b, : len(f) - 1] for b, f in enumerate(fulls)]
 
 
 def teacher_topk(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,9 +251,9 @@ def build_cache(
             batch_caps = [c for _, c in chunk[b : b + config.sample_batch]]
             seed = config.seed * 1_000_003 + start + b
             rows = sample_batch(model, batch, config, logits_processor, eos_token_id, seed=seed, caps=batch_caps)
-            hiddens = batch_hidden(model, batch, [g for g, _ in rows])
+            hiddens = batch_hidden(model, batch, [g for g, _ in rows])  # (P+G-1, D) each
             for p, (g, lp), h in zip(batch, rows, hiddens, strict=True):
-                seqs.append((p, g, h, *teacher_topk(lp, config.teacher_top_k)))
+                seqs.append((p, g, h[len(p) - 1 :], h[: len(p) - 1], *teacher_topk(lp, config.teacher_top_k)))
             bar.update(len(batch))
         save_shard(path, seqs)
     bar.close()
@@ -250,13 +262,15 @@ def build_cache(
 
 
 def save_shard(path: Path, seqs) -> None:
-    """Concatenate sequences (prompt, gen, hidden, probs, ids) into flat tensors + lengths; write atomically."""
+    """Concatenate sequences (prompt, gen, hidden, prompt hidden, probs, ids) into flat tensors + lengths;
+    write atomically."""
     tensors = {
         "prompt": torch.cat([torch.as_tensor(p, dtype=torch.long) for p, *_ in seqs]),
         "prompt_lengths": torch.tensor([len(p) for p, *_ in seqs]),
         "gen": torch.cat([g for _, g, *_ in seqs]),
         "gen_lengths": torch.tensor([len(g) for _, g, *_ in seqs]),
         "hidden": torch.cat([h for _, _, h, *_ in seqs]).contiguous(),  # (M, D)
+        "prompt_hidden": torch.cat([ph for _, _, _, ph, *_ in seqs]).contiguous(),  # (sum(P-1), D)
         "teacher_probs": torch.cat([tp for *_, tp, _ in seqs]).contiguous(),  # (M, K)
         "teacher_ids": torch.cat([ti for *_, ti in seqs]).contiguous(),  # (M, K)
     }
@@ -276,6 +290,7 @@ class Cache:
     hidden: torch.Tensor  # (M, D) state predicting gen[m]
     teacher_probs: torch.Tensor  # (M, K)
     teacher_ids: torch.Tensor  # (M, K)
+    prompt_hidden: list[torch.Tensor] | None = None  # per sequence (P-1, D) prompt states; None in old caches
 
     @property
     def seq_of(self) -> torch.Tensor:
@@ -299,6 +314,11 @@ def load_cache(cache_dir: str | os.PathLike) -> Cache:
     for part in parts:
         prompts += list(torch.split(part["prompt"], part["prompt_lengths"].tolist()))
     lengths = torch.cat([p["gen_lengths"] for p in parts])
+    prompt_hidden = None
+    if all("prompt_hidden" in p for p in parts):
+        prompt_hidden = []
+        for part in parts:
+            prompt_hidden += list(torch.split(part["prompt_hidden"].float(), (part["prompt_lengths"] - 1).tolist()))
     return Cache(
         prompts=prompts,
         starts=torch.cumsum(lengths, 0) - lengths,
@@ -307,6 +327,7 @@ def load_cache(cache_dir: str | os.PathLike) -> Cache:
         hidden=torch.cat([p["hidden"] for p in parts]).float(),
         teacher_probs=torch.cat([p["teacher_probs"] for p in parts]).float(),
         teacher_ids=torch.cat([p["teacher_ids"] for p in parts]).long(),
+        prompt_hidden=prompt_hidden,
     )
 
 
@@ -355,6 +376,26 @@ def batch_indices(step: int, population: int, batch: int, seed: int) -> torch.Te
     return perm[i * batch : (i + 1) * batch]
 
 
+def lengths_of(seqs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([len(x) for x in seqs])
+
+
+def bucketed_indices(step: int, lengths: torch.Tensor, batch: int, seed: int, bucket: int = 32) -> torch.Tensor:
+    """The `step`-th batch of sequences of similar length: per epoch, a shuffled order cut into groups of
+    `bucket` batches, each group sorted by length, the batches of the epoch in shuffled order (less padding).
+    A pure function of (seed, step), like `batch_indices`."""
+    population = len(lengths)
+    batch = min(batch, population)
+    per_epoch = population // batch
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(population, generator=g)[: per_epoch * batch]
+    groups = [perm[a : a + bucket * batch] for a in range(0, len(perm), bucket * batch)]
+    ordered = torch.cat([grp[torch.argsort(lengths[grp], stable=True)] for grp in groups])
+    order = torch.randperm(per_epoch, generator=g)
+    return ordered.view(per_epoch, batch)[order[i]]
+
+
 # ----- joint mode: LoRA on the base -----
 def add_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
@@ -387,6 +428,66 @@ def joint_batch(peft_model, cache: Cache, seqs: torch.Tensor):
         rows.append(states[b, len(p) - 1 : len(p) - 1 + n])
         flat.append(torch.arange(a, a + n))
     return torch.cat(rows), torch.cat(flat)
+
+
+# ----- feature drafters: whole sequences, unrolled -----
+def feature_batch(cache: Cache, seqs: torch.Tensor, depth: int) -> dict:
+    """Right-padded tensors of whole sequences for `FeatureDrafter.unrolled_features`.
+
+    ids (S, T + depth) tokens x_0.. (0-padded), feats (S, T, D) the base's f_0 .. f_{T-1} (T = P + G - 1 at
+    most), and per row j and step k: teacher (S, T, depth) flat cache index of the target x_{j+2+k} (-1: none,
+    i.e. past the end or a prompt token) and feat_ok (S, T, depth) whether f_{j+1+k} exists.
+    """
+    if cache.prompt_hidden is None:
+        raise ValueError("this cache has no prompt states (built before feature drafters): rebuild it")
+    rows = []
+    for s in seqs.tolist():
+        start, g = int(cache.starts[s]), int(cache.lengths[s])
+        prompt = cache.prompts[s]
+        ids = torch.cat([prompt, cache.gen[start : start + g]])  # (P + G,)
+        feats = torch.cat([cache.prompt_hidden[s], cache.hidden[start : start + g]])  # (P + G - 1, D)
+        rows.append((len(prompt), start, ids, feats))
+    width = max(len(f) for *_, f in rows)
+    d = rows[0][3].shape[1]
+    ids = torch.zeros(len(rows), width + depth, dtype=torch.long)
+    feats = torch.zeros(len(rows), width, d)
+    teacher = torch.full((len(rows), width, depth), -1, dtype=torch.long)
+    feat_ok = torch.zeros(len(rows), width, depth, dtype=torch.bool)
+    j = torch.arange(width)[:, None] + torch.arange(depth)[None]  # (T, depth): j + k
+    for b, (p, start, x, f) in enumerate(rows):
+        ids[b, : len(x)] = x
+        feats[b, : len(f)] = f
+        q = j + 2  # sequence position of the target token
+        ok = (q >= p) & (q < len(x)) & (torch.arange(width)[:, None] < len(f))
+        teacher[b] = torch.where(ok, start + q - p, -1)
+        feat_ok[b] = (j + 1 < len(f)) & (torch.arange(width)[:, None] < len(f))
+    start = min(p for p, *_ in rows) - 1  # the first row a decoding step can start from (the first root's)
+    return {"ids": ids, "feats": feats, "teacher": teacher, "feat_ok": feat_ok, "start": start}
+
+
+def feature_losses(drafter, model, cache: Cache, batch: dict, config: TrainConfig):
+    """Per unrolled step k: KL to the base's distribution of x_{j+2+k} (+ feature_weight x smooth L1 to
+    f_{j+1+k}), and top-1 hits vs the sampled token. -> (losses, hits) lists of length depth."""
+    embed = model.get_input_embeddings().weight.detach()
+    out_weight = model.get_output_embeddings().weight.detach()
+    feats = batch["feats"]
+    t, start = feats.shape[1], batch["start"]
+    outs = drafter.unrolled_features(embed[batch["ids"][:, 1:]].float(), feats, config.num_heads, start)
+    losses, hits = [], []
+    for k, out in enumerate(outs):
+        first = t - out.shape[1]  # row of out[:, 0]
+        target = batch["teacher"][:, first:, k]  # (S, rows)
+        ok = target >= 0
+        logits = out[ok] @ out_weight.float().T  # (n, V)
+        idx = target[ok]
+        kl = soft_cross_entropy(logits, cache.teacher_probs[idx], cache.teacher_ids[idx]).mean()
+        fok = batch["feat_ok"][:, first:, k]
+        shifted = torch.zeros_like(feats)
+        shifted[:, : t - 1 - k] = feats[:, 1 + k :]  # f_{j+1+k} at row j
+        reg = torch.nn.functional.smooth_l1_loss(out[fok], shifted[:, first:][fok])
+        losses.append(kl + config.feature_weight * reg)
+        hits.append((logits.argmax(-1) == cache.gen[idx]).float())
+    return losses, hits
 
 
 # ----- checkpoints -----
@@ -455,7 +556,14 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    heads = DraftHeads.from_model(model, config.num_heads, config.num_layers, config.root_token).float().train()
+    if config.kind == "feature":
+        heads = FeatureDrafter.from_model(model, depth=config.num_heads, seed=config.seed).float().train()
+    else:
+        heads = (
+            DraftHeads.from_model(model, config.num_heads, config.num_layers, config.root_token, config.shared_output)
+            .float()
+            .train()
+        )
     if config.init_heads:
         start = DraftHeads.from_pretrained(config.init_heads, model)
         have = (start.config.num_heads, start.config.num_layers, start.config.root_token)
@@ -471,6 +579,8 @@ def train(
         raise ValueError(f"cache {cache_dir} holds hidden size {cache.hidden.shape[1]}, the model has {hidden_size}")
     targets = cache.targets(config.num_heads)  # (M, H)
     usable = (targets[:, 0] >= 0).nonzero().flatten()  # states with at least head 0's target
+    if config.kind == "feature" and cache.prompt_hidden is None:
+        raise ValueError(f"cache {cache_dir} has no prompt states (built before feature drafters): rebuild it")
 
     peft_model = None
     if config.mode == "joint":
@@ -489,22 +599,32 @@ def train(
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {ckpt} to resume from")
     weights = [
-        (config.head_weight * config.head_decay**k) if config.mode == "joint" else 1.0 for k in range(config.num_heads)
+        (config.head_weight * config.head_decay**k)
+        if config.mode == "joint"
+        else (config.head_decay**k if config.kind == "feature" else 1.0)
+        for k in range(config.num_heads)
     ]
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.mode}", disable=not progress)
     history = []
     while step < config.steps:
         for g in optimizer.param_groups:
             g["lr"] = learning_rate(step, g["peak"], config)
-        if peft_model is None:
+        base_loss = None
+        if config.kind == "feature":
+            seqs = bucketed_indices(
+                step, cache.lengths + lengths_of(cache.prompts), config.batch_sequences, config.seed
+            )
+            losses, hits = feature_losses(heads, model, cache, feature_batch(cache, seqs, config.num_heads), config)
+        elif peft_model is None:
             rows = usable[batch_indices(step, len(usable), config.batch_tokens, config.seed)]
-            states, base_loss = cache.hidden[rows], None
+            logits = heads(cache.hidden[rows], cache.gen[rows])
+            losses, hits = head_losses(logits, targets[rows], cache, config.loss)
         else:
             seqs = batch_indices(step, len(cache.lengths), config.batch_sequences, config.seed)
             states, rows = joint_batch(peft_model, cache, seqs)
             logits = split_model(peft_model.get_base_model())[1](states)  # (N, V)
             base_loss = soft_cross_entropy(logits, cache.teacher_probs[rows], cache.teacher_ids[rows]).mean()
-        losses, hits = head_losses(heads(states.float(), cache.gen[rows]), targets[rows], cache, config.loss)
+            losses, hits = head_losses(heads(states.float(), cache.gen[rows]), targets[rows], cache, config.loss)
         total = sum(w * lk for w, lk in zip(weights, losses, strict=True))
         if base_loss is not None:
             total = total + base_loss
@@ -547,8 +667,12 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, cache: Cache, loss: str = "kl", batch: int = 4096) -> dict:
-    """Mean head loss and top-1 accuracy (vs the sampled token) per head over a whole cache."""
+def evaluate(heads, cache: Cache, loss: str = "kl", batch: int = 4096, model=None) -> dict:
+    """Mean head loss and top-1 accuracy (vs the sampled token) per head (per depth) over a whole cache.
+
+    A feature drafter needs the base `model` (its embedding and output layer)."""
+    if isinstance(heads, FeatureDrafter):
+        return evaluate_feature(heads, model, cache)
     targets = cache.targets(heads.config.num_heads)
     h = heads.config.num_heads
     sums, hit_sums, counts = [0.0] * h, [0.0] * h, [0] * h
@@ -572,3 +696,24 @@ def config_from_dict(values: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
     return TrainConfig(**values)
+
+
+@torch.no_grad()
+def evaluate_feature(drafter: FeatureDrafter, model, cache: Cache, sequences: int = 16) -> dict:
+    """`evaluate` for a feature drafter: loss and top-1 per unrolled depth, over whole sequences."""
+    if model is None:
+        raise ValueError("evaluating a feature drafter needs the base model")
+    depth = drafter.config.depth
+    config = TrainConfig(kind="feature", num_heads=depth)
+    sums, hit_sums, counts = [0.0] * depth, [0.0] * depth, [0] * depth
+    for start in range(0, len(cache.lengths), sequences):
+        seqs = torch.arange(start, min(start + sequences, len(cache.lengths)))
+        losses, hits = feature_losses(drafter, model, cache, feature_batch(cache, seqs, depth), config)
+        for k in range(depth):
+            sums[k] += float(losses[k]) * len(hits[k])
+            hit_sums[k] += float(hits[k].sum())
+            counts[k] += len(hits[k])
+    return {
+        "loss": [s / max(1, c) for s, c in zip(sums, counts, strict=True)],
+        "top1": [s / max(1, c) for s, c in zip(hit_sums, counts, strict=True)],
+    }

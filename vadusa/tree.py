@@ -8,7 +8,7 @@ Node 0 is the root (the token already sampled from the base); nodes 1..N are the
 import json
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
@@ -224,6 +224,46 @@ def best_trees(acc, max_nodes: int, max_rank: int | None = None, max_depth: int 
         total += path_value(p, acc)
         trees[n] = (order[:n], total)
     return trees
+
+
+def optimal_tree(acc, nodes: int, max_rank: int | None = None, max_depth: int | None = None):
+    """(paths, expected accepted length) of the best tree of exactly `nodes` nodes under
+    `expected_accept_length`, by exact dynamic programming over every valid tree (ranks contiguous under
+    each node, depth <= max_depth, rank <= max_rank): the optimum the greedy builder is checked against.
+
+    best(d, r, k) = the largest value of the children of rank >= r of a depth-d node, using exactly k nodes:
+    stop (k = 0), or take rank r with a subtree of j nodes, acc[d][r] * (1 + best(d+1, 0, j-1)), and go on.
+    """
+
+    check_accuracy_table(acc, max_rank)
+    depth_limit = len(acc) if max_depth is None else min(max_depth, len(acc))
+    ranks = [len(row) if max_rank is None else min(len(row), max_rank + 1) for row in acc]
+
+    @cache
+    def best(d: int, r: int, k: int) -> tuple[float, tuple]:
+        if k == 0:
+            return 0.0, ()
+        if d >= depth_limit or r >= ranks[d]:
+            return float("-inf"), ()
+        top = (float("-inf"), ())
+        for j in range(1, k + 1):  # rank r takes itself and j - 1 descendants
+            below, sub = best(d + 1, 0, j - 1)
+            rest, others = best(d, r + 1, k - j)
+            value = acc[d][r] * (1.0 + below) + rest
+            if value > top[0]:
+                top = (value, (((r,), sub),) + others)
+        return top
+
+    value, forest = best(0, 0, nodes)
+    if value == float("-inf"):
+        raise ValueError(f"no valid tree of {nodes} nodes within depth {depth_limit} and the ranks measured")
+
+    def paths(prefix, forest):
+        for (rank,), sub in forest:
+            yield prefix + (rank,)
+            yield from paths(prefix + (rank,), sub)
+
+    return sorted(paths((), forest), key=lambda p: (len(p), p)), value
 
 
 def interpolate_cost(seconds: dict, nodes: int) -> float:
