@@ -19,8 +19,9 @@ report.json schema (stable; extra keys may be added, none removed):
     (texts x repeats; null without a judge); cer_ci = its 95% bootstrap interval over texts (each text's mean
     over repeats resampled); cer_diff_vs_ar / cer_diff_ci = the mean paired difference to the `ar` row on the
     same texts and seeds, and its 95% bootstrap interval; nll_per_token = the base model's NLL of the
-    generated tokens (teacher-forced, raw logits at temperature 1: a drift measure); rtf = decoding seconds / audio seconds (null without audio);
-    peak_mem_mb = peak resident memory of the process while the row ran (CUDA: peak allocated).
+    generated tokens (teacher-forced, raw logits at temperature 1: a drift measure); rtf = decoding seconds /
+    audio seconds (null without audio); peak_mem_mb = peak resident memory of the process while the row ran
+    (CUDA: peak allocated).
 """
 
 import itertools
