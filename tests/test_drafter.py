@@ -35,8 +35,7 @@ def test_session_rows_equal_the_training_unroll(llama_and_drafter):
             for depth in range(1, 4):  # a chain of the true next tokens, written as scratch rows
                 bias = torch.zeros(1, depth)
                 token = seq[0, root + depth : root + depth + 1]
-                pos = torch.tensor([root - 1 + depth])
-                feat = session.rows(token, feat[None], pos, session.length + depth - 1, bias)[0]
+                feat = session.rows(token, feat[None], root - 1 + depth, True, session.length + depth - 1, bias)[0]
                 assert torch.allclose(feat, outs[depth][0, root - 1], atol=1e-5), depth
 
 
@@ -148,3 +147,22 @@ def test_tree_plan_rows_follow_the_tree(medusa_tree):
         inner = plan.inner[d - 1]
         assert all(len(medusa_tree.children[i]) > 0 for i in inner.tolist())
         assert plan.bias[d - 1].shape[0] == len(inner)
+
+
+@pytest.mark.parametrize("kind", ["heads", "feature"])
+def test_step_parts_run_the_engine_and_leave_its_state_as_they_found_it(llama_and_drafter, medusa_tree, kind):
+    """The cost model times the engine's own step; every part must leave the caches as it found them, or the
+    timings of later rounds would measure a growing cache."""
+    from tests.conftest import fitted_heads
+    from vadusa.cost import step_parts
+
+    model, drafter = llama_and_drafter
+    if kind == "heads":
+        drafter = fitted_heads(model, steps=5)
+    tree = vadusa.Tree.from_paths([p for p in medusa_tree.paths if len(p) <= 4])
+    parts = step_parts(model, drafter, tree, prefix_len=32)
+    lengths = []
+    for name in ("draft", "verify", "walk", "keep", "step", "step"):
+        parts[name]()
+        lengths.append(parts["cache"].get_seq_length())
+    assert lengths == [31] * 6  # the prefix minus the root, every time

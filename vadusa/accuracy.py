@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .drafter import FeatureDrafter
 from .generate import as_processor
 from .heads import DraftHeads
 from .train import TrainConfig, batch_hidden, sample_batch
@@ -206,9 +207,11 @@ def measure_accuracy(
             rows = sample_batch(model, chunk, config, processor, eos_token_id, seed + b, greedy, caps[b : b + batch])
             hiddens = batch_hidden(model, chunk, [g for g, _ in rows])  # (P+G-1, D) each
             for prompt, (gen, lp), states in zip(chunk, rows, hiddens, strict=True):
-                hidden = states[len(prompt) - 1 :]  # (G, D) the states before each generated token
                 history = torch.cat([torch.as_tensor(prompt, dtype=torch.long), gen])
-                cands = head_candidates(heads, hidden, history, processor, k)  # (G, H, K)
+                if isinstance(heads, FeatureDrafter):
+                    cands = drafter_candidates(heads, model, states, history, len(prompt), processor, k)
+                else:  # (G, H, K) from the states before each generated token
+                    cands = head_candidates(heads, states[len(prompt) - 1 :], history, processor, k)
                 for rule in rules:
                     if (rule == "greedy") == greedy:
                         items[rule].append(node_values(gen, lp, cands, rule))

@@ -70,7 +70,7 @@ def step_costs(model, sizes=(1, 4, 8, 16, 32, 64, 128), prefix_len: int = 128, r
 def step_parts(model, drafter, tree: Tree, logits_processor=None, prefix_len: int = 128, tolerance: int = 3):
     """Closures for the parts of one engine step on `tree` after a cached prefix, as `vadusa.generate` runs
     them, each leaving the state as it found it: {"draft", "verify", "walk", "keep"} and "step" (all four
-    in a row, each feeding the next).
+    in a row, each feeding the next); "cache" is the base's KV cache they share.
 
     draft   the heads' logits and top-k; or the feature drafter's commit of 4 rows and its per-depth calls
     verify  the verification pass over every node
@@ -143,7 +143,9 @@ def step_parts(model, drafter, tree: Tree, logits_processor=None, prefix_len: in
 
     draft()
     verify_pass_()
-    return {"draft": draft, "verify": verify_pass_, "walk": walk_, "keep": keep, "step": step}
+    parts = {"draft": draft, "verify": verify_pass_, "walk": walk_, "keep": keep, "step": step}
+    parts["cache"] = cache  # what the parts share, for checks
+    return parts
 
 
 def tree_step(model, drafter, tree: Tree, logits_processor=None, prefix_len: int = 128, tolerance: int = 3):

@@ -72,7 +72,13 @@ def base_fingerprint(model) -> str:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight  # faster on CPU than F.rms_norm
+
+
+def out_in(rows: int, cols: int) -> nn.Parameter:
+    """A zero (rows, cols) weight stored as the transpose of a contiguous (cols, rows) array, so x @ W.T runs on
+    a contiguous matrix (MKL's few-row GEMM is markedly faster that way: `vadusa.cpu`)."""
+    return nn.Parameter(torch.zeros(cols, rows).t())
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,13 +92,13 @@ class FeatureDrafter(nn.Module):
         super().__init__()
         self.config = config
         d, i = config.hidden_size, config.intermediate_size
-        self.fc = nn.Parameter(torch.zeros(d, 2 * d))  # [E(x); f] -> residual stream
+        self.fc = out_in(d, 2 * d)  # [E(x); f] -> residual stream
         self.attn_norm = nn.Parameter(torch.ones(d))
-        self.qkv = nn.Parameter(torch.zeros(3 * d, d))
-        self.o = nn.Parameter(torch.zeros(d, d))
+        self.qkv = out_in(3 * d, d)
+        self.o = out_in(d, d)
         self.mlp_norm = nn.Parameter(torch.ones(d))
-        self.gate_up = nn.Parameter(torch.zeros(2 * i, d))
-        self.down = nn.Parameter(torch.zeros(d, i))
+        self.gate_up = out_in(2 * i, d)
+        self.down = out_in(d, i)
         self.out_norm = nn.Parameter(torch.ones(d))
         dh = d // config.num_attention_heads
         inv = 1.0 / config.rope_theta ** (torch.arange(0, dh, 2).float() / dh)
@@ -150,9 +156,10 @@ class FeatureDrafter(nn.Module):
         """(B, T, D) residual -> q, k, v (B, h, T, dh), rotary applied to q and k."""
         b, t, d = x.shape
         h = self.config.num_attention_heads
-        q, k, v = (rms_norm(x, self.attn_norm, self.config.rms_norm_eps) @ self.qkv.T).split(d, -1)
-        q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))  # (B, h, T, dh)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        qkv = rms_norm(x, self.attn_norm, self.config.rms_norm_eps) @ self.qkv.T  # (B, T, 3D)
+        qkv = qkv.view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, h, T, dh)
+        qk = rotate(qkv[:2], cos, sin)  # q and k rotated in one go
+        return qk[0], qk[1], qkv[2]
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """(B, T, D) residual and (B, h, T, dh) attention output -> (B, T, D) predicted next features."""
@@ -273,7 +280,9 @@ class TreePlan:
     inner: list[torch.Tensor]  # inner[d-1] (m_d,): node ids at depth d that have children
     inner_row: list[torch.Tensor]  # (m_d,): row of each inner node among depth d's nodes
     bias: list[torch.Tensor]  # (m_d, m_1 + .. + m_d): additive mask of the inner rows over tree rows
-    max_rank: int
+    inner_parent_row: list[torch.Tensor]  # (m_d,): row of each inner node's parent among depth d-1's inner nodes
+    max_rank: int  # the highest rank the tree reads
+    size: int  # nodes, root included
 
 
 def tree_plan(tree, dtype=torch.float32) -> TreePlan:
@@ -284,7 +293,7 @@ def tree_plan(tree, dtype=torch.float32) -> TreePlan:
     inner = [[i for i in by_depth[d] if has_kids[i]] for d in range(depth + 1)]  # inner[0] = [root]
     tree_rows = [i for d in range(1, depth + 1) for i in inner[d]]  # scratch rows, depth by depth
     row = {n: r for r, n in enumerate(tree_rows)}
-    plan = TreePlan([], [], [], [], [], [], tree.max_rank)
+    plan = TreePlan([], [], [], [], [], [], [], tree.max_rank, len(tree))
     for d in range(1, depth + 1):
         nodes = by_depth[d]
         plan.nodes.append(torch.tensor(nodes, dtype=torch.long))
@@ -299,60 +308,142 @@ def tree_plan(tree, dtype=torch.float32) -> TreePlan:
                 if tree.ancestor_mask[n, a]:
                     bias[i, row[a]] = 0.0
         plan.bias.append(bias)
+        plan.inner_parent_row.append(plan.parent_row[-1][plan.inner_row[-1]])
     return plan
 
 
+@dataclass
+class DecodingWeights:
+    """The drafter's matrices as decoding reads them (x @ W, W contiguous), norms and sqrt(D) folded in."""
+
+    out_t: torch.Tensor  # (D, V) the base's output layer, transposed
+    token_proj: torch.Tensor  # (V, D) E @ W_tok^T: the token half of the input projection, a lookup
+    feat_proj: torch.Tensor  # (D, D) the feature half
+    w_qkv: torch.Tensor  # (D, 5D) q, k, v, rot(q), rot(k), attention norm folded in
+    w_q: torch.Tensor  # (D, 2D) q, rot(q)
+    w_kv: torch.Tensor  # (D, 3D) k, v, rot(k)
+    w_o: torch.Tensor  # (D, D)
+    w_gate_up: torch.Tensor  # (D, 2I), MLP norm folded in
+    w_down: torch.Tensor  # (I, D)
+    out_scale: torch.Tensor  # (D,) output norm * sqrt(D)
+
+
+def decoding_weights(drafter: FeatureDrafter, model) -> DecodingWeights:
+    """The drafter's weights folded for decoding (see `DraftSession`), built once per drafter and base and
+    kept on the drafter until either changes (a generate call costs a few AR steps less)."""
+    params = [*drafter.parameters(), model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = getattr(drafter, "_decoding_weights", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    c = drafter.config
+    d, h = c.hidden_size, c.num_attention_heads
+    dtype = drafter.fc.dtype
+    with torch.no_grad():
+        w = {"out_t": model.get_output_embeddings().weight.to(dtype).T.contiguous()}  # (D, V) the base's
+        embed = model.get_input_embeddings().weight.to(dtype)
+        root_d = d**0.5  # F.normalize(x) * sqrt(D) is x / rms(x)
+        w["token_proj"] = embed @ drafter.fc[:, :d].T  # (V, D) token half of the input projection
+        w["feat_proj"] = drafter.fc[:, d:].T.contiguous()  # (D, D) feature half
+        q, k, v = (drafter.qkv * drafter.attn_norm * root_d).split(d)  # (D, D) each, rows = outputs
+        rot = torch.cat([torch.arange(d // (2 * h), d // h), torch.arange(0, d // (2 * h))])  # rotate-half
+        sign = torch.cat([-torch.ones(d // (2 * h)), torch.ones(d // (2 * h))]).repeat(h)[:, None]
+        perm = (torch.arange(h)[:, None] * (d // h) + rot[None]).flatten()
+        w["w_qkv"] = torch.cat([q, k, v, q[perm] * sign, k[perm] * sign]).T.contiguous()  # (D, 5D)
+        w["w_q"] = torch.cat([q, q[perm] * sign]).T.contiguous()  # (D, 2D): q, rot(q)
+        w["w_kv"] = torch.cat([k, v, k[perm] * sign]).T.contiguous()  # (D, 3D): k, v, rot(k)
+        w["w_o"] = drafter.o.T.contiguous()  # (D, D)
+        w["w_gate_up"] = (drafter.gate_up * drafter.mlp_norm * root_d).T.contiguous()  # (D, 2I)
+        w["w_down"] = drafter.down.T.contiguous()  # (I, D)
+        w["out_scale"] = drafter.out_norm * root_d  # (D,)
+    weights = DecodingWeights(**w)
+    drafter._decoding_weights = (key, weights)
+    return weights
+
+
 class DraftSession:
-    """The drafter's KV cache for one generation: committed rows (true features) + scratch tree rows."""
+    """The drafter's KV cache for one generation: committed rows (true features) + scratch tree rows.
+
+    Decoding calls the layer once per tree depth, and on this CPU a call costs in ops and in weights
+    read, not in FLOPs. So the session folds what it can into weights built once: the token half of the
+    input projection becomes a (V, D) table (E @ W_tok^T), the norm weights (and sqrt(D)) are folded into
+    the matrices after them, the rotary's rotate-half is folded into extra q / k columns, and every matrix
+    is stored the way a few-row product reads it fastest (`decoding_weights`, cached on the drafter). The same
+    values as the layer's training form
+    (`unrolled_features`), to float rounding: a test holds them together."""
 
     def __init__(self, drafter: FeatureDrafter, model, capacity: int):
         c = drafter.config
-        self.drafter, self.eps = drafter, c.rms_norm_eps
-        self.embed = model.get_input_embeddings().weight  # (V, D)
-        self.out_weight = model.get_output_embeddings().weight  # (V, D)
-        h, dh = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        device, dtype = self.out_weight.device, drafter.fc.dtype
-        self.keys = torch.zeros(1, h, capacity, dh, device=device, dtype=dtype)
-        self.values = torch.zeros(1, h, capacity, dh, device=device, dtype=dtype)
+        self.drafter = drafter
+        d, h = c.hidden_size, c.num_attention_heads
+        self.heads, self.dh, self.dim = h, d // h, d
+        self.w = decoding_weights(drafter, model)
+        device, dtype = self.w.out_t.device, self.w.out_t.dtype
+        self.keys = torch.zeros(1, h, capacity, self.dh, device=device, dtype=dtype)
+        self.values = torch.zeros(1, h, capacity, self.dh, device=device, dtype=dtype)
+        self.mask = torch.zeros(capacity, capacity, device=device, dtype=dtype)  # additive, zero but where written
         self.length = 0  # committed rows
-        self.scale = dh**-0.5
-        cos, sin = drafter.rope(torch.arange(capacity, device=device))
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)  # (capacity, dh)
+        cos, sin = drafter.rope(torch.arange(capacity, device=device))  # (capacity, dh)
+        self.cos, self.sin = cos.to(dtype).repeat(1, 2 * h), sin.to(dtype).repeat(1, 2 * h)  # (capacity, 2D): q, k
 
-    def rows(self, tokens: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor, start: int, bias):
-        """Run rows (n,) tokens / (n, D) features at `positions`, writing their keys at [start, start + n);
-        each sees the committed rows and the scratch rows [length, start + n) through `bias`. -> (n, D)."""
-        dr = self.drafter
-        n = tokens.shape[0]
-        x = dr.project(self.embed[tokens].to(feats.dtype), feats)[None]  # (1, n, D)
-        q, k, v = dr.qkv_heads(x, self.cos[positions], self.sin[positions])  # (1, h, n, dh)
-        self.keys[:, :, start : start + n] = k
-        self.values[:, :, start : start + n] = v
-        end = start + n
-        scores = (q @ self.keys[:, :, :end].transpose(-1, -2)) * self.scale  # (1, h, n, end)
-        scores[..., self.length :] += bias
-        attended = torch.softmax(scores, -1) @ self.values[:, :, :end]  # (1, h, n, dh)
-        return dr.finish(x, attended)[0]  # (n, D)
+    def rows(self, tokens: torch.Tensor, feats: torch.Tensor, position: int, same_position: bool, start: int, bias):
+        """Run rows (n,) tokens / (n, D) features, writing their keys at [start, start + n); each sees the
+        committed rows and the scratch rows [length, start + n) through `bias`. Positions: `position` for
+        every row (tree rows of one depth), or position, position+1, ... (committed rows). -> (n, D)."""
+        n, end, d, h, dh = tokens.shape[0], start + tokens.shape[0], self.dim, self.heads, self.dh
+        normalize = nn.functional.normalize
+        x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (n, D)
+        y = normalize(x, dim=-1) @ self.w.w_qkv  # (n, 5D): q, k, v, rot(q), rot(k)
+        span = slice(position, position + 1) if same_position else slice(position, position + n)
+        qk = y[:, : 2 * d] * self.cos[span] + y[:, 3 * d :] * self.sin[span]  # (n, 2D) rotary q, k
+        qk = qk.view(n, 2, h, dh).permute(1, 2, 0, 3)  # (2, h, n, dh)
+        self.keys[0, :, start:end] = qk[1]
+        self.values[0, :, start:end] = y[:, 2 * d : 3 * d].view(n, h, dh).transpose(0, 1)
+        mask = self.mask[:n, :end]  # (n, end)
+        mask[:, self.length :] = bias
+        attended = nn.functional.scaled_dot_product_attention(
+            qk[:1], self.keys[:, :, :end], self.values[:, :, :end], attn_mask=mask
+        )  # (1, h, n, dh)
+        mask[:, self.length :] = 0.0
+        return self.finish(x, attended)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """(n, D) residual and (1, h, n, dh) attention output -> (n, D) predicted next features."""
+        n, normalize = x.shape[0], nn.functional.normalize
+        x = x + attended[0].transpose(0, 1).reshape(n, self.dim) @ self.w.w_o
+        gate, up = (normalize(x, dim=-1) @ self.w.w_gate_up).chunk(2, -1)
+        x = x + (nn.functional.silu(gate) * up) @ self.w.w_down
+        return normalize(x, dim=-1) * self.w.out_scale  # (n, D)
 
     def commit(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """Rows with true inputs (x_{j+1}, f_j) become part of the prefix; -> (D,) the last row's output."""
-        n = tokens.shape[0]
-        causal = torch.full((n, n), float("-inf"), device=feats.device, dtype=feats.dtype).triu(1)
-        start = self.length
-        positions = torch.arange(start, start + n, device=feats.device)
-        out = self.rows(tokens, feats, positions, start, causal)
-        self.length = start + n
-        return out[-1]
+        """Rows with true inputs (x_{j+1}, f_j) become part of the prefix; -> (D,) the last row's output.
+
+        Only the last row's output is read (it drafts depth 1), so the other rows compute their keys and values
+        alone: the same cache, a fraction of the work."""
+        n, start, d, h, dh = tokens.shape[0], self.length, self.dim, self.heads, self.dh
+        end = start + n
+        x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (n, D)
+        xn = nn.functional.normalize(x, dim=-1)
+        kv = xn @ self.w.w_kv  # (n, 3D): k, v, rot(k)
+        k = kv[:, :d] * self.cos[start:end, d:] + kv[:, 2 * d :] * self.sin[start:end, d:]  # (n, D) rotary k
+        self.keys[0, :, start:end] = k.view(n, h, dh).transpose(0, 1)
+        self.values[0, :, start:end] = kv[:, d : 2 * d].view(n, h, dh).transpose(0, 1)
+        qr = xn[-1:] @ self.w.w_q  # (1, 2D): q, rot(q) of the last row, which sees every committed row
+        q = qr[:, :d] * self.cos[end - 1 : end, :d] + qr[:, d:] * self.sin[end - 1 : end, :d]
+        attended = nn.functional.scaled_dot_product_attention(
+            q.view(1, h, 1, dh), self.keys[:, :, :end], self.values[:, :, :end]
+        )  # (1, h, 1, dh)
+        self.length = end
+        return self.finish(x[-1:], attended)[0]
 
     def draft(self, plan: TreePlan, root: torch.Tensor, root_feat: torch.Tensor, history, processor):
         """(N+1,) tree tokens: each node is its parent's rank-r candidate, depth by depth."""
-        n_nodes = 1 + sum(len(x) for x in plan.nodes)
-        tokens = torch.empty(n_nodes, dtype=torch.long, device=root_feat.device)
+        tokens = torch.empty(plan.size, dtype=torch.long, device=root_feat.device)
         tokens[0] = root
         feats = root_feat[None]  # (1, D): outputs of the inner rows of the depth above
         written = 0
         for d, nodes in enumerate(plan.nodes, start=1):
-            logits = feats @ self.out_weight.T  # (m_{d-1}, V)
+            logits = feats @ self.w.out_t  # (m_{d-1}, V)
             if processor is not None:
                 logits = processor(history.expand(logits.shape[0], -1), logits.float())
             top = torch.topk(logits, plan.max_rank + 1, dim=-1).indices  # (m_{d-1}, K)
@@ -360,8 +451,8 @@ class DraftSession:
             inner = plan.inner[d - 1]
             if len(inner) == 0:
                 break
-            parent_feats = feats[plan.parent_row[d - 1][plan.inner_row[d - 1]]]  # (m_d, D)
-            positions = torch.full((len(inner),), self.length - 1 + d, device=feats.device)
-            feats = self.rows(tokens[inner], parent_feats, positions, self.length + written, plan.bias[d - 1])
+            parent_feats = feats[plan.inner_parent_row[d - 1]]  # (m_d, D)
+            start = self.length + written
+            feats = self.rows(tokens[inner], parent_feats, self.length - 1 + d, True, start, plan.bias[d - 1])
             written += len(inner)
         return tokens

@@ -267,15 +267,21 @@ def walk_buffers(tree: Tree, device) -> WalkBuffers:
 
 def node_probs(logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k) -> torch.Tensor:
     """(n, V) logits of every tree node -> (n, V) probabilities, each node's processors reading the history it
-    would have in AR decoding (prefix + its path): one processor call per depth, softmax once."""
-    if processor is None:
-        return scores_to_probs(logits, history, None, temperature, top_k)
+    would have in AR decoding (prefix + its path): one processor call per depth, softmax once. Processors that
+    all declare `reads_history = False` (they ignore input_ids) are called once on every node."""
+    if processor is None or not reads_history(processor):
+        return scores_to_probs(logits, history, processor, temperature, top_k)
     scores = torch.empty_like(logits, dtype=torch.float32)  # (n, V)
     for d, nodes in enumerate(buffers.by_depth):
         path = tokens[buffers.ancestors[nodes, :d]]  # (n_d, d)
         rows = torch.cat([history.expand(len(nodes), -1), path], dim=1)  # (n_d, T + d)
         scores[nodes] = processor(rows, logits[nodes].float())
     return scores_to_probs(scores, history, None, temperature, top_k)
+
+
+def reads_history(processor) -> bool:
+    """Whether any processor may read input_ids (only ones that say `reads_history = False` do not)."""
+    return any(getattr(p, "reads_history", True) for p in processor)
 
 
 def walk(probs, tokens, buffers: WalkBuffers, rule, u) -> tuple[list[int], int]:

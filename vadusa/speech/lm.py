@@ -105,7 +105,10 @@ def lm_config_dict(cfg: LMConfig) -> dict:
 
 
 class UnitsOnly(LogitsProcessor):
-    """Restricts sampling to unit tokens and EOS (every other logit -> -inf)."""
+    """Restricts sampling to unit tokens and EOS (every other logit -> -inf). It ignores the history, and says
+    so (`reads_history = False`), so the decoders may process every tree node in one call."""
+
+    reads_history = False
 
     def __init__(self, unit_offset: int, num_units: int, eos_token_id: int, vocab_size: int):
         allowed = torch.zeros(vocab_size, dtype=torch.bool)
