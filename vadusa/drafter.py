@@ -25,14 +25,13 @@ node's children only matter once the node was accepted, i.e. once its token is o
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .heads import CONFIG_NAME, WEIGHTS_NAME, model_dims
+from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, save_artifact
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
 
@@ -212,13 +211,7 @@ class FeatureDrafter(nn.Module):
     # ----- artifacts -----
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """config.json + model.safetensors, each written atomically."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, d / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
-        os.replace(d / (WEIGHTS_NAME + ".tmp"), d / WEIGHTS_NAME)
-        (d / (CONFIG_NAME + ".tmp")).write_text(json.dumps(asdict(self.config), indent=2))
-        os.replace(d / (CONFIG_NAME + ".tmp"), d / CONFIG_NAME)
+        save_artifact(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "FeatureDrafter":
@@ -228,14 +221,7 @@ class FeatureDrafter(nn.Module):
             drafter = cls(DrafterConfig(**config))
         except TypeError as e:
             raise ValueError(f"{d / CONFIG_NAME} is not a valid feature drafter config: {e}") from e
-        try:
-            state = load_file(d / WEIGHTS_NAME)
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise ValueError(f"{d / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
-        try:
-            drafter.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: {e}") from e
+        load_weights(drafter, d)
         if model is not None:
             drafter.check_compatible(model)
             drafter.to(model.get_output_embeddings().weight.device)

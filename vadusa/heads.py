@@ -36,6 +36,29 @@ class HeadsConfig:
     shared_output: bool = False  # heads feed the base's own output layer: no private (H, V, D) weights
 
 
+def save_artifact(module: nn.Module, directory: str | os.PathLike) -> None:
+    """`module.config` -> config.json and its state dict -> model.safetensors, each written atomically."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, d / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
+    os.replace(d / (WEIGHTS_NAME + ".tmp"), d / WEIGHTS_NAME)
+    (d / (CONFIG_NAME + ".tmp")).write_text(json.dumps(asdict(module.config), indent=2))
+    os.replace(d / (CONFIG_NAME + ".tmp"), d / CONFIG_NAME)
+
+
+def load_weights(module: nn.Module, directory: Path) -> None:
+    """Load directory/model.safetensors into `module`; corrupt or mismatched files raise ValueError naming them."""
+    try:
+        state = load_file(directory / WEIGHTS_NAME)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {e}") from e
+
+
 def model_dims(model) -> tuple[int, int, str]:
     """(hidden size, vocab size, name or path) of a transformers causal LM, read off its output layer."""
     out = model.get_output_embeddings()
@@ -123,13 +146,7 @@ class DraftHeads(nn.Module):
     # ----- artifacts -----
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors into `directory`, each atomically (write then rename)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, d / (WEIGHTS_NAME + ".tmp"), metadata={"format": "pt"})
-        os.replace(d / (WEIGHTS_NAME + ".tmp"), d / WEIGHTS_NAME)
-        (d / (CONFIG_NAME + ".tmp")).write_text(json.dumps(asdict(self.config), indent=2))
-        os.replace(d / (CONFIG_NAME + ".tmp"), d / CONFIG_NAME)
+        save_artifact(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "DraftHeads":
@@ -143,14 +160,7 @@ class DraftHeads(nn.Module):
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{d / CONFIG_NAME} is not a valid heads config: {e}") from e
         heads = cls(config)
-        try:
-            state = load_file(d / WEIGHTS_NAME)
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise ValueError(f"{d / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
-        try:
-            heads.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: {e}") from e
+        load_weights(heads, d)
         if model is not None:
             heads.check_compatible(model)
             heads.to(model.get_output_embeddings().weight.device).bind(model)

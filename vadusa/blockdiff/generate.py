@@ -43,7 +43,7 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 import torch
 
 from ..accept import sample
-from ..generate import GenerationOutput, _Decoding, as_processor, split_model
+from ..generate import GenerationOutput, _Decoding, as_processor, scores_to_probs, split_model
 from .masks import MaskBuffer
 
 UNMASK_RULES = ("any", "prefix")
@@ -67,12 +67,7 @@ def block_probs(logits, history, processor, temperature: float, top_k: int | Non
     if processor is not None:
         scores = processor(history.expand(scores.shape[0], -1), scores)
     scores[:, mask_token_id] = float("-inf")
-    if temperature > 0:
-        scores = scores / temperature
-        if top_k:
-            kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return scores_to_probs(scores, history, None, temperature, top_k)
 
 
 def sample_and_select(
