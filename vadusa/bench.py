@@ -414,7 +414,7 @@ def plot_pareto(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(fig)
     os.replace(tmp, path)
 
