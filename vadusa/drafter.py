@@ -360,7 +360,6 @@ class DraftSession:
 
     def __init__(self, drafter: FeatureDrafter, model, capacity: int):
         c = drafter.config
-        self.drafter = drafter
         d, h = c.hidden_size, c.num_attention_heads
         self.heads, self.dh, self.dim = h, d // h, d
         self.w = decoding_weights(drafter, model)

@@ -581,6 +581,7 @@ def train(
     usable = (targets[:, 0] >= 0).nonzero().flatten()  # states with at least head 0's target
     if config.kind == "feature" and cache.prompt_hidden is None:
         raise ValueError(f"cache {cache_dir} has no prompt states (built before feature drafters): rebuild it")
+    sequence_lengths = cache.lengths + lengths_of(cache.prompts)  # (S,) prompt + generated, for bucketing
 
     peft_model = None
     if config.mode == "joint":
@@ -611,9 +612,7 @@ def train(
             g["lr"] = learning_rate(step, g["peak"], config)
         base_loss = None
         if config.kind == "feature":
-            seqs = bucketed_indices(
-                step, cache.lengths + lengths_of(cache.prompts), config.batch_sequences, config.seed
-            )
+            seqs = bucketed_indices(step, sequence_lengths, config.batch_sequences, config.seed)
             losses, hits = feature_losses(heads, model, cache, feature_batch(cache, seqs, config.num_heads), config)
         elif peft_model is None:
             rows = usable[batch_indices(step, len(usable), config.batch_tokens, config.seed)]
