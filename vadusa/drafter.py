@@ -318,7 +318,7 @@ def decoding_weights(drafter: FeatureDrafter, model) -> DecodingWeights:
     """The drafter's weights folded for decoding (see `DraftSession`), built once per drafter and base and
     kept on the drafter until either changes (a generate call costs a few AR steps less)."""
     params = [*drafter.parameters(), model.get_input_embeddings().weight, model.get_output_embeddings().weight]
-    key = tuple((p.data_ptr(), p._version) for p in params)
+    key = tuple((p.data_ptr(), None if p.is_inference() else p._version) for p in params)  # inference: frozen
     cached = getattr(drafter, "_decoding_weights", None)
     if cached is not None and cached[0] == key:
         return cached[1]
