@@ -107,7 +107,7 @@ def test_bad_inputs_raise(tmp_path):
     reason="demo weights not built",
 )
 def test_compare_cli_reports_bad_inputs(tmp_path, capsys):
-    import decode
+    from vadusa.cli import decode
 
     assert decode.main(["--compare", "--texts", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)]) == 2
     assert "texts file" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import soundfile
 import torch
 
+from vadusa.cli import decode
 from vadusa.speech import TTSPipeline, codec, judge, lm
 from vadusa.speech.build import save_lm
 from vadusa.speech.pipeline import DEMO_DIR, REQUIRED
@@ -100,9 +102,6 @@ def test_missing_and_corrupt_directories(tiny_dir, tmp_path):
 
 
 def test_decode_cli_texts_json(tiny_dir, tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
-    import decode
-
     texts = tmp_path / "texts.txt"
     texts.write_text("Hello there.\n\nHello world!\n")
     code = decode.main(["--texts", str(texts), "--out-dir", str(tmp_path / "wavs"), "--json", str(tmp_path / "s.json"),
@@ -141,3 +140,35 @@ def test_shipped_weights_fit_the_budget():
     """Everything shipped for the demo (lm, codec, judge, heads, block adapter) stays within 30 MB."""
     size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
     assert size <= 30e6, size
+
+
+@shipped
+def test_shipped_cli_default_decoder_speaks(tmp_path):
+    """`decode.py TEXT -o a.wav` as a user first runs it: the default decoder (vadusa, shipped drafter)."""
+    wav_path = tmp_path / "a.wav"
+    assert decode.main(["Hello.", "-o", str(wav_path), "--seed", "0"]) == 0
+    wav, sr = soundfile.read(wav_path)
+    assert sr == 16000 and 0.2 < len(wav) / sr < 2.0
+
+
+@shipped
+def test_shipped_greedy_vadusa_equals_greedy_ar():
+    """Through the pipeline (inference mode, drafter loaded on first use): greedy VADUSA == greedy AR."""
+    pipe = TTSPipeline.from_pretrained()
+    text = "Stop the car, please."
+    ar = pipe.generate(text, decoder="ar", temperature=0.0)
+    fast = pipe.generate(text, decoder="vadusa", temperature=0.0, acceptance="greedy", tree="auto")
+    assert torch.equal(fast.tokens, ar.tokens) and ar.tokens[-1].item() == pipe.eos_token_id
+    assert fast.forward_passes < ar.forward_passes
+
+
+@shipped
+def test_ar_decoding_does_not_import_peft():
+    """Start-up: peft (seconds of imports) is loaded only where a block adapter is, checked in a fresh process."""
+    code = (
+        "import sys\nfrom vadusa.speech import TTSPipeline\n"
+        "pipe = TTSPipeline.from_pretrained()\nout = pipe.generate('Hello there.', decoder='ar', seed=0)\n"
+        "assert out.new_tokens > 5\nprint('peft' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -279,7 +279,7 @@ def test_cli_end_to_end(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    import train_heads
+    from vadusa.cli import train_heads
 
     model = peaky_llama()
     model.save_pretrained(tmp_path / "lm")

@@ -9,6 +9,14 @@ train (data-free distillation), generate (confidence-threshold block decoding).
 
 from .generate import generate
 from .loss import generalized_jsd
-from .student import BlockConfig, load_student, make_student, save_adapter
 
 __all__ = ["BlockConfig", "generalized_jsd", "generate", "load_student", "make_student", "save_adapter"]
+_STUDENT = ("BlockConfig", "load_student", "make_student", "save_adapter")  # need peft: imported on first use
+
+
+def __getattr__(name: str):
+    if name in _STUDENT:
+        from . import student  # peft costs seconds of start-up; decoding without an adapter never pays it
+
+        return getattr(student, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

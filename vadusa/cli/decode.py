@@ -1,0 +1,149 @@
+"""Synthesise speech with the demo TTS (or weights from --model-dir), offline.
+
+    python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder vadusa|ar|block]
+                     [--temperature 1.0] [--seed 0] [--json stats.json]
+    python decode.py --texts texts.txt --out-dir wavs/ --json stats.json
+    python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
+
+--compare runs the A/B harness (vadusa.bench): every decoder row on the same texts and seeds, interleaved,
+and writes ab/report.json, ab/report.md and ab/pareto.png. SPEC is `decoder:key=v1|v2,key=v; ...`, e.g.
+"vadusa:tolerance=1|2|3|4,tree=auto; block:threshold=0.3|0.4"; `hf-generate` and `ar` are always included.
+
+Stats JSON keys are documented in vadusa/speech/stats.py: one row per text (cer, audio_seconds,
+new_tokens, tokens_per_second, rtf, forward_passes, ...) under "texts", and "summary" with their
+means and totals.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import soundfile
+import torch
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+from vadusa.bench import compare, read_texts, task_from_pipeline
+from vadusa.speech import TTSPipeline
+from vadusa.speech.stats import summary, text_stats
+
+# given to the decoder if set
+DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache", "sliding")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("text", nargs="?", help="text to speak")
+    p.add_argument("-o", "--output", type=Path, help="output wav (single text)")
+    p.add_argument("--texts", type=Path, help="file with one text per line")
+    p.add_argument("--out-dir", type=Path, help="directory for the wavs of --texts (0000.wav, 0001.wav, ...)")
+    p.add_argument("--voice", default=None, help="voice name (default: the demo's first voice)")
+    p.add_argument(
+        "--decoder",
+        default="vadusa",
+        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (text i of --texts uses seed + i)")
+    p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
+    p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size...)")
+    g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
+    g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
+    g.add_argument("--tolerance", type=int, help="vadusa tolerance tau (draws from the base per node)")
+    g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1] (default 0.35)")
+    g.add_argument("--block-size", type=int, help="block decoding block size (default: the adapter's)")
+    g.add_argument(
+        "--unmask", choices=["any", "prefix"],
+        help="block decoding: confident targets anywhere (Fast-dLLM) or only a leading run (default prefix)",
+    )  # fmt: skip
+    g.add_argument(
+        "--sliding", action=argparse.BooleanOptionalAction, default=None,
+        help="block decoding: slide a window of --block-size inputs instead of fixed blocks (default: with prefix)",
+    )  # fmt: skip
+    g.add_argument(
+        "--approximate-cache", action=argparse.BooleanOptionalAction, default=None,
+        help="block decoding in fixed blocks: keep settled rows' keys and values within a block (default off)",
+    )  # fmt: skip
+    c = p.add_argument_group("A/B comparison")
+    c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")
+    c.add_argument("--configs", help="rows to compare (default: every shipped decoder and the key sweeps)")
+    c.add_argument("--repeats", type=int, default=3, help="timed repeats per row and text (median reported)")
+    c.add_argument("--quick", action="store_true", help="a couple of minutes: a few rows, one repeat")
+    args = p.parse_args(argv)
+    if args.compare:
+        if args.texts is None or args.out_dir is None:
+            p.error("--compare needs --texts FILE and --out-dir DIR")
+        return args
+    if (args.text is None) == (args.texts is None):
+        p.error("give either a text or --texts FILE")
+    if args.text is not None and args.output is None:
+        p.error("a single text needs -o OUT.wav")
+    if args.texts is not None and args.out_dir is None:
+        p.error("--texts needs --out-dir DIR")
+    return args
+
+
+def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
+    """Synthesise one text, write its wav, return its stats row."""
+    options = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k) is not None}
+    out = pipe.generate(
+        text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
+    )
+    start = time.perf_counter()
+    wav, sr = pipe.vocode(pipe.units(out))
+    vocode_seconds = time.perf_counter() - start
+    wav_path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(wav_path), wav, sr)
+    voice = args.voice or pipe.voices[0]
+    return text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
+                      len(wav) / sr, out, vocode_seconds)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 4 MB model
+    try:
+        pipe = TTSPipeline.from_pretrained(args.model_dir)
+        if args.compare:
+            task = task_from_pipeline(pipe, read_texts(args.texts), args.voice, args.temperature)
+            report = compare(
+                task,
+                args.out_dir,
+                args.configs,
+                args.repeats,
+                args.seed or 0,
+                args.quick,
+                command="python " + " ".join(sys.argv),
+            )
+            print(f"{len(report['rows'])} rows -> {args.out_dir}/report.md, report.json, pareto.png")
+            return 0
+        if args.text is not None:
+            rows = [speak(pipe, args.text, args.output, args, args.seed)]
+        else:
+            texts = read_texts(args.texts)
+            rows = []
+            for i, text in enumerate(tqdm(texts, desc="synthesise", unit="text")):
+                seed = None if args.seed is None else args.seed + i
+                rows.append(speak(pipe, text, args.out_dir / f"{i:04d}.wav", args, seed))
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = {"texts": rows, "summary": summary(rows)}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(stats, indent=1) + "\n")
+    m = stats["summary"]["mean"]
+    print(
+        f"{len(rows)} text(s): CER {m['cer']:.3f}, {m['audio_seconds']:.2f} s audio, "
+        f"{m['tokens_per_second']:.0f} tokens/s, RTF {m['rtf']:.3f} ({torch.get_num_threads()} thread(s))"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
