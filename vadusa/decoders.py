@@ -40,12 +40,15 @@ def _hf_generate(model, assets: Path | None = None) -> Run:
         logits_processor=None,
         streamer=None,
         generator=None,
+        top_p=1.0,
+        min_p=0.0,
     ) -> GenerationOutput:
         start = time.perf_counter()
         prompt = check_prompt(input_ids).to(model.device)
         if generator is not None:  # generate() samples from the global RNG: seed it from the generator
             torch.manual_seed(generator.initial_seed())
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": 1.0}
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p}
+        sampling["min_p"] = min_p or None
         config = GenerationConfig(
             **(sampling if temperature > 0 else {"do_sample": False}),
             max_new_tokens=max_new_tokens,

@@ -92,15 +92,49 @@ def as_processor(logits_processor) -> Processors | None:
     return Processors(logits_processor) if logits_processor else None
 
 
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(N, V) scores -> the same with -inf outside each row's nucleus: the most likely tokens whose mass reaches
+    top_p. A token goes when it and every less likely token together hold at most 1 - top_p of the mass
+    (transformers' TopPLogitsWarper rule, ties broken by the same sort); the most likely token always stays."""
+    ascending, order = torch.sort(scores, dim=-1)  # (N, V)
+    mass_up_to = ascending.softmax(-1).cumsum(-1)  # (N, V) mass of each token and all less likely ones
+    drop = mass_up_to <= 1 - top_p
+    drop[..., -1] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """(N, V) scores -> the same with -inf where a token's probability is below min_p x the row's top probability
+    (transformers' MinPLogitsWarper rule; with min_p <= 1 the most likely token always stays)."""
+    probs = scores.softmax(-1)  # (N, V)
+    return scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+def check_sampling(top_p: float, min_p: float) -> None:
+    """Raise a clear error for a top-p or min-p out of range."""
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+    if isinstance(min_p, bool) or not isinstance(min_p, int | float) or not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (0: off), got {min_p!r}")
+
+
 def scores_to_probs(
-    scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k: int | None
+    scores: torch.Tensor,
+    history: torch.Tensor,
+    processor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """(N, V) logits -> (N, V) probabilities: logits processors (row i reading history[i]), then temperature,
-    then top-k.
+    then top-k, then top-p, then min-p.
 
-    The order is transformers' own (processors, then temperature, then top-k), so `generate_ar` samples
-    exactly what `model.generate(do_sample=True, temperature=T, top_k=K)` samples. At temperature 0 the
-    distribution is the softmax of the processed scores and decoders take its argmax.
+    The order is transformers' own (processors, then its warpers in this order), so `generate_ar` samples
+    exactly what `model.generate(do_sample=True, temperature=T, top_k=K, top_p=P, min_p=M)` samples, and every
+    acceptance rule, which reads only these probabilities, stays exact under them. At temperature 0 the
+    distribution is the softmax of the processed scores and decoders take its argmax (the warpers never remove
+    the argmax, so they are skipped).
     """
     scores = scores.float()
     if processor is not None:
@@ -110,12 +144,18 @@ def scores_to_probs(
         if top_k:
             kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+        if min_p > 0.0:
+            scores = min_p_filter(scores, min_p)
     return torch.softmax(scores, dim=-1)
 
 
-def logits_to_probs(scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k) -> torch.Tensor:
+def logits_to_probs(
+    scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
     """(V,) logits -> (V,) probabilities (`scores_to_probs` of one row)."""
-    return scores_to_probs(scores[None], history, processor, temperature, top_k)[0]
+    return scores_to_probs(scores[None], history, processor, temperature, top_k, top_p, min_p)[0]
 
 
 def draw(probs: torch.Tensor, temperature: float, generator) -> int:
@@ -192,15 +232,18 @@ def generate_ar(
     logits_processor=None,
     streamer=None,
     generator: torch.Generator | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> GenerationOutput:
     """Auto-regressive decoding, one token per forward, on the same cache machinery as `generate`."""
+    check_sampling(top_p, min_p)
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
     d = _Decoding(model, input_ids, max_new_tokens, 0, eos_token_id, streamer)
     hidden = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
     d.forward_passes = 1
     while True:
-        probs = logits_to_probs(out_layer(hidden), d.seq[:, : d.length], processor, temperature, top_k)  # (V,)
+        probs = logits_to_probs(out_layer(hidden), d.seq[:, : d.length], processor, temperature, top_k, top_p, min_p)
         d.emit([draw(probs, temperature, generator)])
         if d.done:
             return d.output()
@@ -265,18 +308,20 @@ def walk_buffers(tree: Tree, device) -> WalkBuffers:
     return WalkBuffers(children, child_index.to(device), by_depth, ancestors.to(device))
 
 
-def node_probs(logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k) -> torch.Tensor:
+def node_probs(
+    logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
     """(n, V) logits of every tree node -> (n, V) probabilities, each node's processors reading the history it
     would have in AR decoding (prefix + its path): one processor call per depth, softmax once. Processors that
     all declare `reads_history = False` (they ignore input_ids) are called once on every node."""
     if processor is None or not reads_history(processor):
-        return scores_to_probs(logits, history, processor, temperature, top_k)
+        return scores_to_probs(logits, history, processor, temperature, top_k, top_p, min_p)
     scores = torch.empty_like(logits, dtype=torch.float32)  # (n, V)
     for d, nodes in enumerate(buffers.by_depth):
         path = tokens[buffers.ancestors[nodes, :d]]  # (n_d, d)
         rows = torch.cat([history.expand(len(nodes), -1), path], dim=1)  # (n_d, T + d)
         scores[nodes] = processor(rows, logits[nodes].float())
-    return scores_to_probs(scores, history, None, temperature, top_k)
+    return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
 
 def reads_history(processor) -> bool:
@@ -317,11 +362,15 @@ def generate(
     generator: torch.Generator | None = None,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> GenerationOutput:
     """Draft -> verify -> accept decoding (VADUSA). `tree` defaults to the top-1 chain over all heads.
 
-    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding.
+    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding. Top-p and
+    min-p (as transformers' warpers) shape the base distribution every rule reads, so lossless stays exact.
     """
+    check_sampling(top_p, min_p)
     tree = tree if tree is not None else Tree.chain(heads.max_depth)
     tree.validate_for(heads.max_depth)
     heads.check_compatible(model)
@@ -342,7 +391,7 @@ def generate(
     prompt_states = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
     hidden = prompt_states[-1]  # (D,)
     d.forward_passes = 1
-    probs = logits_to_probs(out_layer(hidden), d.prompt, processor, temperature, top_k)
+    probs = logits_to_probs(out_layer(hidden), d.prompt, processor, temperature, top_k, top_p, min_p)
     d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's own cache: rows (x_{j+1}, f_j) of the prompt, the root's last
@@ -360,7 +409,8 @@ def generate(
         states = verify(body, tokens, tree_bias, depths, mask, d.cache, past)  # (n, D)
         d.forward_passes += 1
 
-        probs = node_probs(out_layer(states), tokens, history, buffers, processor, temperature, top_k)  # (n, V)
+        logits = out_layer(states)  # (n, V)
+        probs = node_probs(logits, tokens, history, buffers, processor, temperature, top_k, top_p, min_p)  # (n, V)
         path, next_root = walk(probs, tokens, buffers, rule, rule.uniforms(n, width, generator, device))
 
         d.cache.keep(past, torch.tensor(path, device=device))

@@ -43,7 +43,7 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 import torch
 
 from ..accept import sample
-from ..generate import GenerationOutput, _Decoding, as_processor, scores_to_probs, split_model
+from ..generate import GenerationOutput, _Decoding, as_processor, check_sampling, scores_to_probs, split_model
 from .masks import MaskBuffer
 
 UNMASK_RULES = ("any", "prefix")
@@ -58,8 +58,10 @@ def check_block_options(block_size, threshold, unmask="any") -> None:
         raise ValueError(f"unmask must be one of {UNMASK_RULES}, got {unmask!r}")
 
 
-def block_probs(logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int) -> torch.Tensor:
-    """(k, V) logits -> (k, V) probabilities: processors, then temperature, then top-k (as `logits_to_probs`).
+def block_probs(
+    logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
+    """(k, V) logits -> (k, V) probabilities: processors, then temperature, top-k, top-p, min-p (`scores_to_probs`).
 
     The mask token is never a target: its probability is 0.
     """
@@ -67,7 +69,7 @@ def block_probs(logits, history, processor, temperature: float, top_k: int | Non
     if processor is not None:
         scores = processor(history.expand(scores.shape[0], -1), scores)
     scores[:, mask_token_id] = float("-inf")
-    return scores_to_probs(scores, history, None, temperature, top_k)
+    return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
 
 def sample_and_select(
@@ -138,6 +140,8 @@ def generate(
     unmask: str = "any",
     approximate_cache: bool = False,
     sliding: bool = False,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
@@ -150,6 +154,7 @@ def generate(
     returned `cache` is None: block-causal keys and values are not an auto-regressive cache to continue from.
     """
     check_block_options(block_size, threshold, unmask)
+    check_sampling(top_p, min_p)
     mask_token_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     vocab = model.get_input_embeddings().weight.shape[0]
     if mask_token_id is None or not 0 <= int(mask_token_id) < vocab:
@@ -173,7 +178,8 @@ def generate(
     reusable = not (teacher_prefix or causal_clean)
 
     def probs_of(rows):  # (k, D) hidden rows -> (k, V) probabilities of their targets
-        return block_probs(out_layer(rows), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id)
+        history = d.seq[:, : d.length]
+        return block_probs(out_layer(rows), history, processor, temperature, top_k, mask_token_id, top_p, min_p)
 
     if (approximate_cache or sliding) and not reusable:
         name = "sliding" if sliding else "approximate_cache"
