@@ -120,6 +120,7 @@ def exact_joint(model, prompt, steps, processors):
     return {k: v for k, v in joint.items() if v > 0}
 
 
+@pytest.mark.slow
 def test_lossless_sampling_has_model_generate_distribution():
     """do_sample, temperature 0.7, top-p 0.8 and a repetition penalty (history-aware at every node): the 3-token
     joint of lossless custom_generate equals model.generate's (its processors, enumerated)."""

@@ -313,11 +313,21 @@ def generate_ar(
 def draft_tokens(heads: DraftHeads, hidden, root: torch.Tensor, tree: Tree, history, processor) -> torch.Tensor:
     """(N+1,) tree tokens: the root (a 0-dim id), then each node's (head, rank) pick from the heads' top-k."""
     logits = heads(hidden.to(heads.dtype), root)  # (H, V)
-    if processor is not None:
+    if processor is not None and reads_history(processor):
+        # head k drafts k tokens past the root: its history is that long too (for position-aware processors)
+        rows = [processor(draft_history(history, k), logits[k : k + 1].float()) for k in range(logits.shape[0])]
+        logits = torch.cat(rows)  # (H, V)
+    elif processor is not None:
         logits = processor(history.expand(logits.shape[0], -1), logits.float())
     top = torch.topk(logits, tree.max_rank + 1, dim=-1).indices  # (H, K)
     head, rank = tree.heads_and_ranks.unbind(-1)  # (N,), (N,)
     return torch.cat([root.reshape(1), top[head, rank]])  # (N+1,)
+
+
+def draft_history(history: torch.Tensor, extra: int) -> torch.Tensor:
+    """(1, t) -> (1, t + extra): the history a draft `extra` tokens past the root is processed with; the unknown
+    tokens are copies of the root (drafting only: verification reads each node's true path)."""
+    return torch.cat([history, history[:, -1:].expand(1, extra)], dim=1) if extra else history
 
 
 def verify(body, tokens, tree_bias, depths, mask, cache, past: int) -> torch.Tensor:
