@@ -115,3 +115,34 @@ def test_bad_top_p_min_p_raise(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         vadusa.generate_ar(model, torch.tensor([[1]]), max_new_tokens=2, **bad)
+
+
+@pytest.fixture(scope="module")
+def mask_model_and_heads():
+    from tests.test_block import base_with_mask
+
+    model = base_with_mask()  # a tiny Llama with a reserved mask token, for block decoding
+    return model, fitted_heads(model, steps=20)
+
+
+@pytest.mark.parametrize("option", [{"top_p": 1e-4}, {"min_p": 1.0}])
+def test_every_decoder_reads_top_p_and_min_p(mask_model_and_heads, option):
+    """A nucleus of one token (top-p -> 0, or min-p 1) makes sampling greedy: every decoder's sampled output is
+    then its greedy output, so each one applies the option (without it, sampling at temperature 1 differs)."""
+    from tests.test_block import NoMask
+    from vadusa.blockdiff import generate as block_generate
+
+    model, heads = mask_model_and_heads
+    prompt, ban = torch.tensor([TEST_PROMPT]), [NoMask()]
+    decoders = {
+        "ar": lambda **kw: vadusa.generate_ar(model, prompt, **kw),
+        "hf-generate": lambda **kw: vadusa.build_decoder("hf-generate", model)(prompt, **kw),
+        "vadusa": lambda **kw: vadusa.generate(model, heads, prompt, tree=vadusa.Tree.chain(3), **kw),
+        "block": lambda **kw: block_generate(model, prompt, block_size=1, **kw),  # its confidences are the probs
+    }
+    for name, run in decoders.items():
+        greedy = run(max_new_tokens=30, temperature=0, logits_processor=ban).sequences
+        sampled = run(max_new_tokens=30, logits_processor=ban, generator=torch.Generator().manual_seed(0), **option)
+        plain = run(max_new_tokens=30, logits_processor=ban, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(sampled.sequences, greedy), name
+        assert not torch.equal(plain.sequences, greedy), name
