@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--decoder",
         default="vadusa",
-        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate",
+        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate, "
+        "vadusa-hf (vadusa through model.generate(custom_generate=...))",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only (0: off)")
