@@ -1,14 +1,17 @@
 """Streaming: StreamVocoder chunks vs the one-shot vocoder, TTSPipeline.stream on the tiny and shipped demos."""
 
+import json
 import shutil
 import warnings
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from tests.test_speech_pipeline import tiny_dir  # noqa: F401  (the tiny random demo directory fixture)
+from vadusa.cli import decode
 from vadusa.speech import TTSPipeline, UnitCodec, codec
 from vadusa.speech.audio import initial_phases
 from vadusa.speech.pipeline import DEMO_DIR
@@ -150,3 +153,16 @@ def test_shipped_stream_matches_synthesize(decoder, shipped):
 def shipped():
     torch.set_num_threads(1)
     return TTSPipeline.from_pretrained()
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_decode_cli_stream_prints_time_to_first_audio(tiny_dir, tmp_path, capsys):  # noqa: F811
+    text, common = "Hello there, hello world.", ["--model-dir", str(tiny_dir), "--decoder", "ar", "--seed", "7"]
+    streamed_args = [text, "-o", str(tmp_path / "s.wav"), "--stream", "--json", str(tmp_path / "s.json")]
+    assert decode.main(streamed_args + common) == 0
+    assert "time to first audio: 0." in capsys.readouterr().out
+    assert decode.main([text, "-o", str(tmp_path / "o.wav")] + common) == 0
+    streamed, oneshot = soundfile.read(tmp_path / "s.wav")[0], soundfile.read(tmp_path / "o.wav")[0]
+    assert len(streamed) == len(oneshot) > 0 and relative_l2(streamed, oneshot) < TOLERANCE
+    row = json.loads((tmp_path / "s.json").read_text())["texts"][0]
+    assert 0 < row["first_audio_seconds"] <= row["stream_seconds"] and row["chunks"] >= 2
