@@ -162,6 +162,7 @@ def spectrogram_figure(results: list[Result]) -> Figure:
             ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, mel.shape[0]))
         ax.set_ylabel(r.decoder)
         ax.set_yticks([])
+        ax.set_facecolor("#eeeeee")  # past the end of a shorter take
         ax.set_xlim(0, longest)
     axes[-1].set_xlabel("seconds")
     return fig
