@@ -1,8 +1,9 @@
 """The web demo in a real browser: playwright drives Debian's chromium (no downloaded browsers).
 
-Starts `python -m vadusa.cli.app` on a free port, types a sentence, runs, and checks every player's wav
-(fetched through the player's download link): its length equals the stats table's and is plausible for the
-text. Then empty text shows the CLI's error and the server still answers. Screenshot: VADUSA_SCREENSHOT=docs/app.png.
+Starts the app's server in-process (`vadusa.cli.app.serve`, what `python app.py` runs) on a free port, types a
+sentence, runs, and checks every player's wav (fetched through the player's download link): its length equals
+the stats table's and is plausible for the text. Then empty text shows the CLI's error and the server still
+answers. Screenshot: VADUSA_SCREENSHOT=docs/app.png.
 """
 
 import importlib.util
@@ -10,16 +11,12 @@ import io
 import os
 import shutil
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import soundfile
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -28,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed"),
 ]
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-if importlib.util.find_spec("gradio") is None:  # the app imports it; the test process need not (~5 s)
+if importlib.util.find_spec("gradio") is None:  # imported by the fixture, not at collection (~5 s)
     pytest.skip('gradio not installed (pip install ".[app]")', allow_module_level=True)
 
 
@@ -38,34 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the app exited with {server.returncode}: {server.stdout.read()}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"the app did not answer at {url} within {seconds} s")
-
-
 @pytest.fixture(scope="module")
 def app_url():
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vadusa.cli.app", "--port", str(port), "--no-stream-audio"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
+    from vadusa.cli import app
+
+    demo = app.serve(app.parse_args(["--port", str(free_port()), "--no-stream-audio"]))  # a real server, in-process
     try:
-        wait_for(url, server)
-        yield url
+        yield demo.local_url
     finally:
-        server.terminate()
-        server.wait(10)
+        demo.close()
 
 
 def table_column(page, header: str) -> list[float]:

@@ -30,6 +30,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def serve(args):
+    """Load the pipeline, start the page's server in the background and return the gr.Blocks (`.close()` stops it)."""
+    from vadusa.web import build_app
+
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    pipe = TTSPipeline.from_pretrained(args.model_dir)
+    demo = build_app(pipe, args.stream_audio).queue()
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True)
+    return demo
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -37,16 +49,12 @@ def main(argv=None) -> int:
     except ImportError:
         print('error: the web demo needs gradio: pip install ".[app]"', file=sys.stderr)
         return 2
-    from vadusa.web import build_app
-
-    torch.set_num_threads(args.threads)
-    hf_logging.disable_progress_bar()
     try:
-        pipe = TTSPipeline.from_pretrained(args.model_dir)
+        demo = serve(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    build_app(pipe, args.stream_audio).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo.block_thread()  # until Ctrl-C
     return 0
 
 
