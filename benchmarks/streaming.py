@@ -5,7 +5,8 @@
 
 For every text (seed = its index) the decoders run interleaved, after one warm-up text: the stream
 (time to first audio chunk, total time, its match with the one-shot wav as relative L2) and the one-shot
-`synthesize` (decoder + vocoder wall time, the time a non-streaming user waits for any audio).
+`synthesize` (decoder + vocoder wall time, the time a non-streaming user waits for any audio), and whether
+a real-time player would have stalled waiting for a chunk (`SpeechStream.stall_seconds`).
 Prints a Markdown table of medians over the texts.
 """
 
@@ -37,6 +38,7 @@ def measure(pipe: TTSPipeline, text: str, decoder: str, seed: int) -> dict:
         "audio_seconds": len(audio) / sr,
         "first_audio_seconds": stream.first_audio_seconds,
         "stream_seconds": stream.seconds,
+        "stall_seconds": stream.stall_seconds,
         "oneshot_seconds": oneshot_seconds,
         "relative_l2": float(np.linalg.norm(audio - oneshot) / np.linalg.norm(oneshot)),
     }
@@ -47,15 +49,16 @@ def table(rows: list[dict], threads: int) -> str:
         f"{len(rows) // len(DECODERS)} texts, {threads} torch thread(s), medians:",
         "",
         "| decoder | time to first audio (s) | stream total (s) | one-shot synthesize (s) | audio (s) |"
-        " stream vs one-shot, rel. L2 |",
-        "|---|---:|---:|---:|---:|---:|",
+        " stream vs one-shot, rel. L2 | texts with a playback stall |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for d in DECODERS:
         mine = [r for r in rows if r["decoder"] == d]
         med = {k: statistics.median(r[k] for r in mine) for k in mine[0] if k not in ("decoder", "seed")}
         lines.append(
             f"| {d} | {med['first_audio_seconds']:.3f} | {med['stream_seconds']:.3f} | {med['oneshot_seconds']:.3f}"
-            f" | {med['audio_seconds']:.2f} | {med['relative_l2']:.1e} |"
+            f" | {med['audio_seconds']:.2f} | {med['relative_l2']:.1e}"
+            f" | {sum(r['stall_seconds'] > 0 for r in mine)} (max {max(r['stall_seconds'] for r in mine):.3f} s) |"
         )
     return "\n".join(lines)
 

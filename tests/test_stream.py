@@ -15,7 +15,7 @@ from vadusa.cli import decode
 from vadusa.speech import TTSPipeline, UnitCodec, codec
 from vadusa.speech.audio import initial_phases
 from vadusa.speech.pipeline import DEMO_DIR
-from vadusa.speech.stream import NoSpeechWarning, StreamConfig, StreamVocoder
+from vadusa.speech.stream import NoSpeechWarning, StreamConfig, StreamVocoder, stall_seconds
 
 TOLERANCE = 5e-3  # relative L2 of the concatenated stream vs the one-shot wav (measured ~5e-4 .. 1.4e-3)
 JUMP = 0.01  # |sample step at a chunk join| may exceed the one-shot's step at the same place by this much
@@ -52,12 +52,16 @@ def test_stream_vocoder_matches_the_one_shot_wav(which):
         c = codec.UnitCodec(centroids, codec.CodecConfig(num_units=16))
     units = torch.randint(c.config.num_units, (120,), generator=torch.Generator().manual_seed(0))
     oneshot, _ = c.vocode(units)
-    vocoder = StreamVocoder(c)
-    stream = stream_in_bursts(vocoder, units)
-    assert len(stream) == len(oneshot) == (2 * len(units) - 1) * 320
-    assert len(vocoder.joins) >= 10
-    assert relative_l2(stream, oneshot) < TOLERANCE
-    assert join_excess(stream, oneshot, vocoder.joins) < JUMP
+    joins = []
+    for config in (StreamConfig(), StreamConfig(max_chunk_units=10)):  # growing chunks; 10 units each
+        vocoder = StreamVocoder(c, config)
+        stream = stream_in_bursts(vocoder, units)
+        assert len(stream) == len(oneshot) == (2 * len(units) - 1) * 320
+        assert relative_l2(stream, oneshot) < TOLERANCE
+        assert join_excess(stream, oneshot, vocoder.joins) < JUMP
+        joins.append(vocoder.joins)
+    assert np.diff([0] + joins[0]).tolist() == [4 * 640, 10 * 640, 20 * 640, 40 * 640]  # then the last 46 units
+    assert len(joins[1]) == 11  # 4 + 10 x 10 units, then the last 16
     # the context is what makes windows agree: with a single unit of it the error is far larger
     narrow = stream_in_bursts(StreamVocoder(c, StreamConfig(context_units=1, fade_frames=1)), units)
     assert relative_l2(narrow, oneshot) > 10 * relative_l2(stream, oneshot)
@@ -70,6 +74,11 @@ def test_stream_vocoder_short_and_empty():
     (only,) = vocoder.finish()
     assert np.allclose(only, c.vocode(torch.tensor([5, 6, 7]))[0], atol=1e-6)
     assert StreamVocoder(c).finish() == []
+
+
+def test_stall_seconds_of_a_player():
+    assert stall_seconds([]) == 0.0 and stall_seconds([(0.1, 0.16), (0.2, 0.4), (0.5, 0.8)]) == 0.0
+    assert stall_seconds([(0.1, 0.16), (0.2, 0.4), (0.9, 0.8)]) == pytest.approx(0.24)  # plays 0.1-0.26-0.66
 
 
 @pytest.mark.parametrize("field, value", [("first_units", 0), ("chunk_units", 2.5), ("fade_frames", 16)])

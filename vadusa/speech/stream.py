@@ -11,9 +11,10 @@ Each chunk vocodes a window of mel frames: the new frames plus `context_units` o
 on the left and of not-yet-emitted frames on the right. Griffin-Lim starts every frame from phases that
 depend on its absolute index only (`audio.initial_phases`), so with a few units of context a window
 converges to the same samples as the whole utterance; a short raised-cosine cross-fade hides what is
-left. The concatenated chunks have the one-shot `codec.vocode` length and match it within ~1e-3 relative
-L2 (measured in tests/test_stream.py). One difference: the one-shot wav is rescaled when its peak exceeds
-0.95, a stream cannot know its peak in advance and clips at 0.95 instead.
+left. Chunks grow (4, 10, 20, 40, 40 ... units), so that little context is vocoded twice. The concatenated
+chunks have the one-shot `codec.vocode` length and match it within ~1e-3 relative L2 (tests/test_stream.py).
+One difference: the one-shot wav is rescaled when its peak exceeds 0.95; a stream cannot know its peak in
+advance and clips at 0.95 instead.
 """
 
 import queue
@@ -34,12 +35,13 @@ PEAK = 0.95  # the vocoder's peak limit (mel_to_wav rescales to it, a stream cli
 @dataclass
 class StreamConfig:
     first_units: int = 4  # new units in the first chunk (0.16 s of audio at 25 units/s)
-    chunk_units: int = 10  # new units in every later chunk
+    chunk_units: int = 10  # new units in the second chunk; each later chunk doubles, up to max_chunk_units
+    max_chunk_units: int = 40  # cap on a chunk's new units (1.6 s): bigger chunks re-vocode less context
     context_units: int = 8  # units of context vocoded on each side of a chunk's own frames, then dropped
     fade_frames: int = 2  # mel frames (20 ms) of raised-cosine cross-fade between consecutive chunks
 
     def __post_init__(self):
-        for name in ("first_units", "chunk_units", "context_units", "fade_frames"):
+        for name in ("first_units", "chunk_units", "max_chunk_units", "context_units", "fade_frames"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"StreamConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if 2 * self.context_units <= self.fade_frames:
@@ -59,6 +61,7 @@ class StreamVocoder:
         self.frame = 0  # first mel frame not emitted yet
         self.tail = np.zeros(0, dtype=np.float32)  # samples past `frame` vocoded by the last chunk, to fade into
         self.joins: list[int] = []  # sample offsets of the chunk boundaries in the concatenated stream
+        self.chunks = 0  # chunks emitted so far
 
     @property
     def emitted_samples(self) -> int:
@@ -69,11 +72,20 @@ class StreamVocoder:
         self.units.extend(int(u) for u in units)
         chunks = []
         while True:
-            size = self.stack * (self.config.first_units if self.frame == 0 else self.config.chunk_units)
+            size = self.stack * self.chunk_units(self.chunks)
             lookahead = self.stack * self.config.context_units
             if self.stack * len(self.units) - lookahead < self.frame + size:
                 return chunks
             chunks.append(self._chunk(self.frame + size, final=False))
+
+    def chunk_units(self, index: int) -> int:
+        """New units in chunk `index`: first_units, then chunk_units doubling up to max_chunk_units.
+
+        Doubling keeps the stream ahead of playback (chunk k + 1 has twice as long to be made as chunk k
+        lasts, once the decoder runs faster than 2x real time) while re-vocoding less context per unit.
+        """
+        cfg = self.config
+        return cfg.first_units if index == 0 else min(cfg.max_chunk_units, cfg.chunk_units * 2 ** (index - 1))
 
     def finish(self) -> list[np.ndarray]:
         """The last chunk: everything up to the one-shot length ((2U - 1) * hop samples). Nothing for no units."""
@@ -103,6 +115,7 @@ class StreamVocoder:
             self.joins.append(self.emitted_samples)
         self.tail = wav[end : end + cfg.fade_frames * hop].copy()
         self.frame = stop
+        self.chunks += 1
         return out.astype(np.float32)
 
 
@@ -137,7 +150,8 @@ class SpeechStream:
 
     After the iteration: `output` is the decoder's GenerationOutput, `first_audio_seconds` the wall time from
     the start of the iteration to the first chunk (None when nothing was streamed), `seconds` the total and
-    `vocoder.joins` the chunk boundaries. A generation without units yields no chunks and warns (`NoSpeechWarning`).
+    `vocoder.joins` the chunk boundaries, `stall_seconds` the gaps a real-time player would have had. A
+    generation without units yields no chunks and warns (`NoSpeechWarning`).
     """
 
     def __init__(self, run, streamer: UnitStreamer, vocoder: StreamVocoder, sample_rate: int, text: str):
@@ -145,6 +159,7 @@ class SpeechStream:
         self.sample_rate, self.text = sample_rate, text
         self.output = None
         self.first_audio_seconds: float | None = None
+        self.chunk_seconds: list[tuple[float, float]] = []  # (wall time the chunk was ready, its audio seconds)
         self.seconds: float | None = None
         self._error: BaseException | None = None
         self._done = object()
@@ -183,9 +198,26 @@ class SpeechStream:
 
     def _timed(self, chunks, start):
         for chunk in chunks:
+            ready = time.perf_counter() - start
             if self.first_audio_seconds is None:
-                self.first_audio_seconds = time.perf_counter() - start
+                self.first_audio_seconds = ready
+            self.chunk_seconds.append((ready, len(chunk) / self.sample_rate))
             yield chunk
+
+    @property
+    def stall_seconds(self) -> float:
+        return stall_seconds(self.chunk_seconds)
+
+
+def stall_seconds(chunks: list[tuple[float, float]]) -> float:
+    """Silence a real-time player inserts for chunks (ready time, audio seconds): playback starts with the
+    first chunk and waits for any chunk not ready when the audio before it has played out (0: kept ahead)."""
+    stall, end = 0.0, None
+    for ready, seconds in chunks:
+        if end is not None and ready > end:
+            stall += ready - end
+        end = (ready if end is None else max(ready, end)) + seconds
+    return stall
 
 
 class NoSpeechWarning(UserWarning):
