@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from tests.conftest import tiny_gpt2, tiny_llama
-from vadusa import DraftHeads, FeatureDrafter, formats, load_drafter
+from tests.conftest import TEST_PROMPT, fitted_heads, tiny_gpt2, tiny_llama
+from vadusa import DraftHeads, FeatureDrafter, Tree, build_decoder, formats, generate_ar, load_drafter
 
 BASE = "org/tiny-speech-lm"
 
@@ -247,3 +247,18 @@ def test_exports_replace_a_directory_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
         first.save_pretrained(tmp_path / "v", format="medusa")
     assert (tmp_path / "v" / "notes.txt").read_text() == "mine"
+
+
+def test_medusa_heads_drive_the_vadusa_decoder(tmp_path):
+    """Heads read from a Medusa directory decode through a tree: greedy output == greedy AR, several tokens/step."""
+    model = base()
+    heads = fitted_heads(model, num_heads=3, steps=30)
+    heads.config.base_model = BASE
+    heads.save_pretrained(tmp_path / "m", format="medusa")
+    tree = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    run = build_decoder("vadusa", model, heads=tmp_path / "m", tree=tree, acceptance="greedy")
+    prompt = torch.tensor([TEST_PROMPT])
+    out = run(prompt, max_new_tokens=60, temperature=0)
+    ar = generate_ar(model, prompt, max_new_tokens=60, temperature=0)
+    assert torch.equal(out.sequences, ar.sequences)
+    assert out.forward_passes <= 0.75 * ar.forward_passes, (out.forward_passes, ar.forward_passes)
