@@ -185,6 +185,10 @@ def test_formats_refuse_what_they_cannot_hold(tmp_path):
     for format in ("vllm", "medusa"):
         with pytest.raises(ValueError, match=f"format '{format}' cannot hold a feature drafter.*parent-aware"):
             drafter.save_pretrained(tmp_path / format, format=format)
+    with pytest.raises(ValueError, match=r"format 'eagle' cannot hold the feature drafter exactly.*RMSNorm is not"):
+        drafter.save_pretrained(tmp_path / "e", format="eagle")
+    with pytest.raises(ValueError, match="draft heads are not one"):
+        trained_heads(model, 2, 1).save_pretrained(tmp_path / "e", format="eagle")
     unbound = DraftHeads(trained_heads(model, 2, 1, shared_output=True).config)
     with pytest.raises(ValueError, match="call heads.bind"):
         unbound.save_pretrained(tmp_path / "u", format="vllm")

@@ -14,10 +14,11 @@ without bias, and it predicts the token two positions after the one that state p
 
 What the formats cannot hold is refused, naming the format and the reason: root-token heads (no input
 for the drawn root token) and the feature drafter (its drafts read the token chosen above them; Medusa
-loaders run independent heads on one hidden state). Exports are written into a temporary directory that
-is then renamed into place. Reading: `read_serving(directory)` gives the config fields and the state dict
-of `DraftHeads` for a vLLM or Medusa directory (pickled `medusa_lm_head.pt` files are refused: safetensors
-only).
+loaders run independent heads on one hidden state). format="eagle" (vLLM's EAGLE draft layers) is known
+and refused: no EAGLE layout computes the feature drafter's function (`EAGLE_REFUSAL` says why).
+Exports are written into a temporary directory that is then renamed into place. Reading:
+`read_serving(directory, format)` gives the config fields and the state dict of `DraftHeads` for a vLLM or
+Medusa directory (`detect` tells which; pickled `medusa_lm_head.pt` files are refused: safetensors only).
 """
 
 import json
@@ -38,14 +39,26 @@ MEDUSA_PICKLE = "medusa_lm_head.pt"
 EXPORT_FILES = {CONFIG, VLLM_WEIGHTS, MEDUSA_WEIGHTS}  # what an export directory may already hold: replaced
 
 
+EAGLE_REFUSAL = (
+    "format 'eagle' cannot hold the feature drafter exactly: vLLM's EAGLE-1 layer (llama_eagle.py) feeds "
+    "fc([E(x); f]) to attention without an input norm and returns the unnormalised residual stream (no final "
+    "norm), while the feature drafter normalises fc([E(x); f]) before attention (attn_norm) and its output "
+    "(out_norm); vLLM's EAGLE-3 layer (llama_eagle3.py) normalises E(x) and f separately, feeds their 2D-wide "
+    "concatenation to q/k/v, keeps f alone as the residual and carries the pre-norm stream to the next depth. "
+    "RMSNorm is not linear, so no weights of either layout give the drafter's logits; save it with format='vadusa'"
+)
+
+
 def check_format(format: str) -> None:
-    if format not in FORMATS:
+    if format not in FORMATS and format != "eagle":  # "eagle" is known, and refused with its reason
         raise ValueError(f"unknown draft-model format {format!r}; known formats: {', '.join(FORMATS)}")
 
 
 def refuse_feature_drafter(format: str) -> None:
     """The feature drafter has its own artifact only: say why a serving format cannot hold it."""
     check_format(format)
+    if format == "eagle":
+        raise ValueError(EAGLE_REFUSAL)
     if format != "vadusa":
         raise ValueError(
             f"format {format!r} cannot hold a feature drafter: its heads are independent Medusa heads on one "
@@ -60,6 +73,11 @@ def check_exportable(heads, format: str) -> None:
     c = heads.config
     if format == "vadusa":
         return
+    if format == "eagle":
+        raise ValueError(
+            "format 'eagle' holds an EAGLE draft layer (vLLM's methods 'eagle' / 'eagle3'); draft heads are not one: "
+            "export them with format='vllm' (vLLM's method 'medusa')"
+        )
     if c.root_token:
         raise ValueError(
             f"format {format!r} cannot hold root-token heads (root_token=True): its heads read only the hidden "
