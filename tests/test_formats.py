@@ -1,6 +1,7 @@
 """Serving formats: the exported tensors, run the way vLLM's and Medusa's loaders run them, give heads(h)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -266,3 +267,17 @@ def test_medusa_heads_drive_the_vadusa_decoder(tmp_path):
     ar = generate_ar(model, prompt, max_new_tokens=60, temperature=0)
     assert torch.equal(out.sequences, ar.sequences)
     assert out.forward_passes <= 0.75 * ar.forward_passes, (out.forward_passes, ar.forward_passes)
+
+
+def test_medusa_warns_only_when_its_own_model_would_misread_the_layers(tmp_path):
+    heads = trained_heads(base(), 2, 2)
+    with torch.no_grad():
+        heads.block_weight[:, 0] = heads.block_weight[:, 1]
+        heads.block_bias[:, 0] = heads.block_bias[:, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal layers: Medusa's [ResBlock] * n reads them right, no warning
+        heads.save_pretrained(tmp_path / "same", format="medusa")
+    with torch.no_grad():
+        heads.block_bias[1, 0] += 1.0
+    with pytest.warns(UserWarning, match="last layer repeated"):
+        heads.save_pretrained(tmp_path / "differ", format="medusa")

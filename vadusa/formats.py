@@ -95,7 +95,7 @@ def check_exportable(heads, format: str) -> None:
         )
 
 
-def tensor(t: torch.Tensor) -> torch.Tensor:
+def private_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().clone()  # a private copy: safetensors refuses shared storage
 
 
@@ -117,12 +117,12 @@ def vllm_export(heads) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {}
     for h in range(c.num_heads):
         for layer in range(c.num_layers):
-            tensors[f"blocks.{h}.layers.{layer}.weight"] = tensor(heads.block_weight[h, layer])  # (D_out, D_in)
-            tensors[f"blocks.{h}.layers.{layer}.bias"] = tensor(heads.block_bias[h, layer])  # (D,)
+            tensors[f"blocks.{h}.layers.{layer}.weight"] = private_copy(heads.block_weight[h, layer])  # (D_out, D_in)
+            tensors[f"blocks.{h}.layers.{layer}.bias"] = private_copy(heads.block_bias[h, layer])  # (D,)
         if not c.shared_output:
-            tensors[f"lm_heads.{h}.weight"] = tensor(heads.out_weight[h])  # (V, D)
+            tensors[f"lm_heads.{h}.weight"] = private_copy(heads.out_weight[h])  # (V, D)
     if c.shared_output:
-        tensors["lm_head.weight"] = tensor(heads.shared_weight.to(heads.dtype))  # (V, D) the base's own layer
+        tensors["lm_head.weight"] = private_copy(heads.shared_weight.to(heads.dtype))  # (V, D) the base's own layer
     return config, tensors
 
 
@@ -139,11 +139,12 @@ def medusa_export(heads) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {}
     for h in range(c.num_heads):
         for layer in range(c.num_layers):
-            tensors[f"{h}.{layer}.linear.weight"] = tensor(heads.block_weight[h, layer])  # (D_out, D_in)
-            tensors[f"{h}.{layer}.linear.bias"] = tensor(heads.block_bias[h, layer])  # (D,)
+            tensors[f"{h}.{layer}.linear.weight"] = private_copy(heads.block_weight[h, layer])  # (D_out, D_in)
+            tensors[f"{h}.{layer}.linear.bias"] = private_copy(heads.block_bias[h, layer])  # (D,)
         out = heads.shared_weight.to(heads.dtype) if c.shared_output else heads.out_weight[h]
-        tensors[f"{h}.{c.num_layers}.weight"] = tensor(out)  # (V, D): shared output layers written per head
-    if c.num_layers > 1 and any(not torch.equal(w[0], w[-1]) for w in heads.block_weight.detach()):
+        tensors[f"{h}.{c.num_layers}.weight"] = private_copy(out)  # (V, D): shared output layers written per head
+    w, b = heads.block_weight.detach(), heads.block_bias.detach()  # (H, L, D, D), (H, L, D)
+    if c.num_layers > 1 and ((w != w[:, -1:]).any() or (b != b[:, -1:]).any()):  # layers differ within a head
         warnings.warn(
             "FasterDecoding's own MedusaModel builds each head's layers as one repeated block ([ResBlock] * n), "
             "so it runs these heads with their last layer repeated; TGI and TensorRT-LLM read every layer",
