@@ -248,10 +248,16 @@ def test_exports_replace_a_directory_whole_or_not_at_all(tmp_path, monkeypatch):
     assert (tmp_path / "v" / "model.safetensors").read_bytes() == before  # the old export is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # and no temporary directory is left
     monkeypatch.undo()
+    first.save_pretrained(tmp_path / "v", format="medusa")  # a vllm export is replaced by a medusa one
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["config.json", "medusa_lm_head.safetensors"]
     (tmp_path / "v" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
+    with pytest.raises(ValueError, match=r"holds config.json, medusa_lm_head.safetensors, notes.txt, not an earlier"):
         first.save_pretrained(tmp_path / "v", format="medusa")
     assert (tmp_path / "v" / "notes.txt").read_text() == "mine"
+    first.save_pretrained(tmp_path / "ours")  # vadusa's own heads are never replaced by an export
+    with pytest.raises(ValueError, match="not an earlier vllm or medusa export"):
+        first.save_pretrained(tmp_path / "ours", format="vllm")
+    assert DraftHeads.from_pretrained(tmp_path / "ours").config == first.config
 
 
 def test_medusa_heads_drive_the_vadusa_decoder(tmp_path):

@@ -36,7 +36,7 @@ CONFIG = "config.json"
 VLLM_WEIGHTS = "model.safetensors"  # vLLM loads every *.safetensors of the directory; we write this one
 MEDUSA_WEIGHTS = "medusa_lm_head.safetensors"  # the name TGI, TensorRT-LLM and Medusa's training script use
 MEDUSA_PICKLE = "medusa_lm_head.pt"
-EXPORT_FILES = {CONFIG, VLLM_WEIGHTS, MEDUSA_WEIGHTS}  # what an export directory may already hold: replaced
+EXPORT_FILES = {CONFIG, VLLM_WEIGHTS, MEDUSA_WEIGHTS}  # the files of an earlier export, which a new one replaces
 
 
 EAGLE_REFUSAL = (
@@ -162,11 +162,11 @@ def export(heads, directory: str | os.PathLike, format: str) -> None:
     if target.exists():
         if not target.is_dir():
             raise ValueError(f"cannot export {format!r} heads to {target}: it is a file, expected a directory")
-        foreign = sorted(p.name for p in target.iterdir() if p.name not in EXPORT_FILES)
-        if foreign:
+        held = sorted(p.name for p in target.iterdir())
+        if held and (detect(target) is None or not set(held) <= EXPORT_FILES):  # only an old export is replaced
             raise ValueError(
-                f"cannot export {format!r} heads to {target}: it holds other files ({', '.join(foreign)}), and an "
-                "export replaces the whole directory; choose a new or empty directory"
+                f"cannot export {format!r} heads to {target}: it holds {', '.join(held)}, not an earlier vllm or "
+                "medusa export, and an export replaces the whole directory; choose a new or empty directory"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
