@@ -2,8 +2,12 @@
 
     python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder vadusa|ar|block]
                      [--temperature 1.0] [--top-k K] [--top-p P] [--min-p M] [--seed 0] [--json stats.json]
+                     [--stream]
     python decode.py --texts texts.txt --out-dir wavs/ --json stats.json
     python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
+
+--stream synthesises through TTSPipeline.stream (audio chunks while the decoder runs) and prints the
+time to the first audio chunk; the wav written is the chunks concatenated.
 
 --compare runs the A/B harness (vadusa.bench): every decoder row on the same texts and seeds, interleaved,
 and writes ab/report.json, ab/report.md and ab/pareto.png. SPEC is `decoder:key=v1|v2,key=v; ...`, e.g.
@@ -20,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 from tqdm import tqdm
@@ -55,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--stream", action="store_true", help="stream the audio in chunks; print the time to first audio")
     g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size...)")
     g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
     g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
@@ -95,6 +101,8 @@ def parse_args(argv=None):
 def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
     """Synthesise one text, write its wav, return its stats row."""
     options = {k: getattr(args, k) for k in DECODER_FLAGS + SAMPLING_FLAGS if getattr(args, k) is not None}
+    if args.stream:
+        return speak_streamed(pipe, text, wav_path, args, seed, options)
     out = pipe.generate(
         text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
     )
@@ -106,6 +114,25 @@ def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
     voice = args.voice or pipe.voices[0]
     return text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
                       len(wav) / sr, out, vocode_seconds)  # fmt: skip
+
+
+def speak_streamed(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, options: dict) -> dict:
+    """`speak` through `pipe.stream`: the row also has first_audio_seconds and stream_seconds."""
+    stream = pipe.stream(text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature,
+                         **options)  # fmt: skip
+    chunks = list(stream)
+    wav = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    sr = stream.sample_rate
+    wav_path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(wav_path), wav, sr)
+    out, voice = stream.output, args.voice or pipe.voices[0]
+    row = text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
+                     len(wav) / sr, out, stream.seconds - out.seconds)  # fmt: skip
+    row.update(first_audio_seconds=stream.first_audio_seconds, stream_seconds=stream.seconds, chunks=len(chunks))
+    first = "none (no audio)" if stream.first_audio_seconds is None else f"{stream.first_audio_seconds:.3f} s"
+    print(f"time to first audio: {first}; stream total {stream.seconds:.3f} s, {len(chunks)} chunk(s), "
+          f"{len(wav) / sr:.2f} s of audio")  # fmt: skip
+    return row
 
 
 def main(argv=None) -> int:
