@@ -77,7 +77,7 @@ def test_lossless_with_top_p_matches_the_sampling_joint():
     model = tiny_llama(vocab=8, seed=1)
     heads = fitted_heads(model, 2, steps=100, seed=1)
     tree = vadusa.Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0]])
-    prompt, runs = [1, 5, 2], 2000
+    prompt, runs = [1, 5, 2], 1200
     exact = exact_warped_joint(model, prompt, 3, 0.7, 0.8)
     bound = 0.5 * sum((p * (1 - p) / runs) ** 0.5 for p in exact.values())
 
@@ -91,7 +91,7 @@ def test_lossless_with_top_p_matches_the_sampling_joint():
 
     tv = total_variation(empirical_joint(sampler(0.8), runs), exact)
     assert tv < bound, (tv, bound)
-    assert total_variation(empirical_joint(sampler(1.0), 400), exact) > 2 * bound
+    assert total_variation(empirical_joint(sampler(1.0), 300), exact) > 2 * bound
 
 
 def test_every_decoder_samples_what_transformers_samples(monkeypatch):
