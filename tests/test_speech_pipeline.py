@@ -117,6 +117,21 @@ def test_decode_cli_texts_json(tiny_dir, tmp_path, monkeypatch):
     assert decode.main(["Hello 42.", "-o", str(tmp_path / "x.wav"), "--model-dir", str(tiny_dir)]) == 2
 
 
+def test_decode_cli_sampling_flags(tiny_dir, tmp_path):
+    """--top-p / --min-p reach the decoder: a one-token nucleus samples the greedy (--temperature 0) speech."""
+
+    def speak(name, *flags):
+        argv = ["Hello there.", "-o", str(tmp_path / name), "--model-dir", str(tiny_dir), "--decoder", "ar"]
+        assert decode.main(argv + list(flags)) == 0
+        return soundfile.read(tmp_path / name)[0]
+
+    greedy = speak("greedy.wav", "--temperature", "0")
+    assert np.array_equal(speak("top_p.wav", "--seed", "0", "--top-p", "0.0001"), greedy)
+    assert np.array_equal(speak("min_p.wav", "--seed", "0", "--min-p", "1", "--top-k", "5"), greedy)
+    sampled = speak("sampled.wav", "--seed", "0")
+    assert sampled.shape != greedy.shape or not np.array_equal(sampled, greedy)
+
+
 # ----- the shipped demo -----
 shipped = pytest.mark.skipif(
     not all((DEMO_DIR / f).is_file() for f in REQUIRED), reason="demo weights not built (scripts/build_demo.py)"

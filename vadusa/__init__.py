@@ -6,6 +6,7 @@ from .decoders import DECODERS, build_decoder
 from .drafter import DrafterConfig, FeatureDrafter, load_drafter
 from .generate import GenerationOutput, generate, generate_ar
 from .heads import DraftHeads, HeadsConfig
+from .hf import custom_generate
 from .tree import Tree
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "HeadsConfig",
     "Tree",
     "build_decoder",
+    "custom_generate",
     "generate",
     "generate_ar",
     "load_drafter",

@@ -43,7 +43,7 @@ from .decoders import DECODERS, build_decoder, check_options
 from .generate import GenerationOutput
 
 BASELINES = ("hf-generate", "ar")
-SAMPLING_KEYS = ("temperature", "top_k")  # row options passed to each call rather than to the factory
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")  # row options passed to each call rather than to the factory
 ROW_KEYS = (
     "decoder",
     "config",

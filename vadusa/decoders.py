@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from .blockdiff.generate import block_factory
 from .draft import vadusa_factory
 from .generate import GenerationOutput, as_processor, check_prompt, generate_ar
+from .hf import sampling_config, vadusa_hf_factory
 
 Run = Callable[..., GenerationOutput]
 
@@ -40,18 +40,14 @@ def _hf_generate(model, assets: Path | None = None) -> Run:
         logits_processor=None,
         streamer=None,
         generator=None,
+        top_p=1.0,
+        min_p=0.0,
     ) -> GenerationOutput:
         start = time.perf_counter()
         prompt = check_prompt(input_ids).to(model.device)
         if generator is not None:  # generate() samples from the global RNG: seed it from the generator
             torch.manual_seed(generator.initial_seed())
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": 1.0}
-        config = GenerationConfig(
-            **(sampling if temperature > 0 else {"do_sample": False}),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=eos_token_id if isinstance(eos_token_id, int) else None,
-        )
+        config = sampling_config(max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id)
         sequences = model.generate(
             prompt, generation_config=config, logits_processor=as_processor(logits_processor), streamer=streamer
         )
@@ -65,6 +61,7 @@ DECODERS: dict[str, Callable[..., Run]] = {
     "ar": _ar,
     "hf-generate": _hf_generate,
     "vadusa": vadusa_factory,
+    "vadusa-hf": vadusa_hf_factory,  # the same heads and tree through model.generate(custom_generate=...)
     "block": block_factory,
 }
 

@@ -433,8 +433,9 @@ class DraftSession:
         written = 0
         for d, nodes in enumerate(plan.nodes, start=1):
             logits = feats @ self.w.out_t  # (m_{d-1}, V)
-            if processor is not None:
-                logits = processor(history.expand(logits.shape[0], -1), logits.float())
+            if processor is not None:  # depth d drafts d - 1 tokens past the root (root copies stand in for them)
+                rows = torch.cat([history, history[:, -1:].expand(1, d - 1)], dim=1)  # (1, t + d - 1)
+                logits = processor(rows.expand(logits.shape[0], -1), logits.float())
             top = torch.topk(logits, plan.max_rank + 1, dim=-1).indices  # (m_{d-1}, K)
             tokens[nodes] = top[plan.parent_row[d - 1], plan.ranks[d - 1]]
             inner = plan.inner[d - 1]

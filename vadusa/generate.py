@@ -71,6 +71,25 @@ def check_prompt(input_ids: torch.Tensor) -> torch.Tensor:
     return ids
 
 
+def check_embeds(model, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """(T, D) or (1, T, D) prompt embeddings -> (1, T, D); batch size > 1, empty prompts and a hidden size other
+    than the model's input embeddings' raise."""
+    if not torch.is_tensor(inputs_embeds) or not inputs_embeds.is_floating_point():
+        raise TypeError(f"inputs_embeds must be a float tensor (1, T, D), got {type(inputs_embeds).__name__}")
+    embeds = inputs_embeds[None] if inputs_embeds.dim() == 2 else inputs_embeds
+    if embeds.dim() != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"only batch size 1 is supported for now, got inputs_embeds of shape {tuple(embeds.shape)}")
+    if embeds.shape[1] == 0:
+        raise ValueError("inputs_embeds is empty: the prompt needs at least one position")
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if embeds.shape[2] != hidden:
+        raise ValueError(
+            f"inputs_embeds has hidden size {embeds.shape[2]}, the model's input embeddings have {hidden}: "
+            f"expected (1, T, {hidden})"
+        )
+    return embeds
+
+
 def eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -92,15 +111,49 @@ def as_processor(logits_processor) -> Processors | None:
     return Processors(logits_processor) if logits_processor else None
 
 
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(N, V) scores -> the same with -inf outside each row's nucleus: the most likely tokens whose mass reaches
+    top_p. A token goes when it and every less likely token together hold at most 1 - top_p of the mass
+    (transformers' TopPLogitsWarper rule, ties broken by the same sort); the most likely token always stays."""
+    ascending, order = torch.sort(scores, dim=-1)  # (N, V)
+    mass_up_to = ascending.softmax(-1).cumsum(-1)  # (N, V) mass of each token and all less likely ones
+    drop = mass_up_to <= 1 - top_p
+    drop[..., -1] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """(N, V) scores -> the same with -inf where a token's probability is below min_p x the row's top probability
+    (transformers' MinPLogitsWarper rule; with min_p <= 1 the most likely token always stays)."""
+    probs = scores.softmax(-1)  # (N, V)
+    return scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+def check_sampling(top_p: float, min_p: float) -> None:
+    """Raise a clear error for a top-p or min-p out of range."""
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
+    if isinstance(min_p, bool) or not isinstance(min_p, int | float) or not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (0: off), got {min_p!r}")
+
+
 def scores_to_probs(
-    scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k: int | None
+    scores: torch.Tensor,
+    history: torch.Tensor,
+    processor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """(N, V) logits -> (N, V) probabilities: logits processors (row i reading history[i]), then temperature,
-    then top-k.
+    then top-k, then top-p, then min-p.
 
-    The order is transformers' own (processors, then temperature, then top-k), so `generate_ar` samples
-    exactly what `model.generate(do_sample=True, temperature=T, top_k=K)` samples. At temperature 0 the
-    distribution is the softmax of the processed scores and decoders take its argmax.
+    The order is transformers' own (processors, then its warpers in this order), so `generate_ar` samples
+    exactly what `model.generate(do_sample=True, temperature=T, top_k=K, top_p=P, min_p=M)` samples, and every
+    acceptance rule, which reads only these probabilities, stays exact under them. At temperature 0 the
+    distribution is the softmax of the processed scores and decoders take its argmax (the warpers never remove
+    the argmax, so they are skipped).
     """
     scores = scores.float()
     if processor is not None:
@@ -110,12 +163,18 @@ def scores_to_probs(
         if top_k:
             kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+        if min_p > 0.0:
+            scores = min_p_filter(scores, min_p)
     return torch.softmax(scores, dim=-1)
 
 
-def logits_to_probs(scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k) -> torch.Tensor:
+def logits_to_probs(
+    scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
     """(V,) logits -> (V,) probabilities (`scores_to_probs` of one row)."""
-    return scores_to_probs(scores[None], history, processor, temperature, top_k)[0]
+    return scores_to_probs(scores[None], history, processor, temperature, top_k, top_p, min_p)[0]
 
 
 def draw(probs: torch.Tensor, temperature: float, generator) -> int:
@@ -138,10 +197,26 @@ def take(tokens: list[int], budget: int, eos: set[int]) -> tuple[list[int], bool
 class _Decoding:
     """What both loops share: the output buffer, the cache, stopping, streaming and timing."""
 
-    def __init__(self, model, input_ids, max_new_tokens, extra_positions, eos_token_id, streamer):
+    def __init__(
+        self, model, input_ids, max_new_tokens, extra_positions, eos_token_id, streamer, inputs_embeds=None, stop=None
+    ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.start = time.perf_counter()
+        self.embeds, self.history_start = None, 0  # prompt embeddings; where the token history starts in seq
+        if inputs_embeds is not None:
+            weight = model.get_input_embeddings().weight
+            self.embeds = check_embeds(model, inputs_embeds).to(weight.device, weight.dtype)  # (1, T, D)
+            if input_ids is None:  # no ids: placeholders keep seq positions = cache positions; history skips them
+                input_ids = torch.zeros(1, self.embeds.shape[1], dtype=torch.long)
+                self.history_start = self.embeds.shape[1]
+            elif check_prompt(input_ids).shape[1] != self.embeds.shape[1]:
+                raise ValueError(
+                    f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
+                    "must cover the same prompt positions"
+                )
+        elif input_ids is None:
+            raise ValueError("give the prompt as input_ids or as inputs_embeds")
         self.prompt = check_prompt(input_ids).to(model.device)
         self.prompt_len = self.prompt.shape[1]
         self.max_new_tokens = max_new_tokens
@@ -151,16 +226,32 @@ class _Decoding:
         self.length = self.prompt_len  # filled part of seq
         self.cache = BufferCache(num_decoder_layers(model), capacity)
         self.eos = eos_set(eos_token_id)
+        self.stop = stop  # transformers StoppingCriteria: (history, scores) -> (1,) bool, checked after each token
         self.streamer = streamer
         self.forward_passes = 0
         self.accepted_lengths: list[int] = []
         self.done = False
         if streamer is not None:
-            streamer.put(self.prompt.cpu())  # as transformers' generate does, so skip_prompt streamers work
+            streamer.put(self.history().cpu())  # as transformers' generate does, so skip_prompt streamers work
+
+    def history(self) -> torch.Tensor:
+        """(1, t) the token history processors read: the prompt ids (none for an embeddings prompt) + emitted."""
+        return self.seq[:, self.history_start : self.length]
+
+    def prompt_inputs(self, start: int = 0, end: int | None = None) -> dict:
+        """The model inputs of prompt positions [start, end): {"input_ids": ...} or {"inputs_embeds": ...}."""
+        if self.embeds is not None:
+            return {"inputs_embeds": self.embeds[:, start:end]}
+        return {"input_ids": self.prompt[:, start:end]}
 
     def emit(self, tokens: list[int]) -> None:
         kept, self.done = take(tokens, self.max_new_tokens - (self.length - self.prompt_len), self.eos)
         self.seq[0, self.length : self.length + len(kept)] = torch.tensor(kept, dtype=torch.long)
+        if self.stop is not None:  # the first token after which a stopping criterion holds ends generation
+            for i in range(len(kept)):
+                if bool(self.stop(self.seq[:, self.history_start : self.length + i + 1], None).any()):
+                    kept, self.done = kept[: i + 1], True
+                    break
         self.length += len(kept)
         if self.streamer is not None and kept:
             self.streamer.put(torch.tensor(kept, dtype=torch.long))
@@ -172,7 +263,7 @@ class _Decoding:
         if extra > 0:
             self.cache.crop(-extra)
         return GenerationOutput(
-            sequences=self.seq[:, : self.length].clone(),
+            sequences=self.seq[:, self.history_start : self.length].clone(),  # an embeddings prompt: new tokens
             new_tokens=self.length - self.prompt_len,
             forward_passes=self.forward_passes,
             accepted_lengths=self.accepted_lengths,
@@ -184,7 +275,7 @@ class _Decoding:
 @torch.no_grad()
 def generate_ar(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -192,15 +283,24 @@ def generate_ar(
     logits_processor=None,
     streamer=None,
     generator: torch.Generator | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    inputs_embeds: torch.Tensor | None = None,
+    stopping_criteria=None,
 ) -> GenerationOutput:
-    """Auto-regressive decoding, one token per forward, on the same cache machinery as `generate`."""
+    """Auto-regressive decoding, one token per forward, on the same cache machinery as `generate`.
+
+    The prompt is `input_ids` (1, T) or `inputs_embeds` (1, T, D) (then `sequences` holds the new tokens only, as
+    in transformers); generated tokens go through the model's own input embeddings. `stopping_criteria`
+    (transformers' StoppingCriteria) are checked after every token."""
+    check_sampling(top_p, min_p)
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
-    d = _Decoding(model, input_ids, max_new_tokens, 0, eos_token_id, streamer)
-    hidden = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
+    d = _Decoding(model, input_ids, max_new_tokens, 0, eos_token_id, streamer, inputs_embeds, stopping_criteria)
+    hidden = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
     d.forward_passes = 1
     while True:
-        probs = logits_to_probs(out_layer(hidden), d.seq[:, : d.length], processor, temperature, top_k)  # (V,)
+        probs = logits_to_probs(out_layer(hidden), d.history(), processor, temperature, top_k, top_p, min_p)
         d.emit([draw(probs, temperature, generator)])
         if d.done:
             return d.output()
@@ -213,11 +313,21 @@ def generate_ar(
 def draft_tokens(heads: DraftHeads, hidden, root: torch.Tensor, tree: Tree, history, processor) -> torch.Tensor:
     """(N+1,) tree tokens: the root (a 0-dim id), then each node's (head, rank) pick from the heads' top-k."""
     logits = heads(hidden.to(heads.dtype), root)  # (H, V)
-    if processor is not None:
+    if processor is not None and reads_history(processor):
+        # head k drafts k tokens past the root: its history is that long too (for position-aware processors)
+        rows = [processor(draft_history(history, k), logits[k : k + 1].float()) for k in range(logits.shape[0])]
+        logits = torch.cat(rows)  # (H, V)
+    elif processor is not None:
         logits = processor(history.expand(logits.shape[0], -1), logits.float())
     top = torch.topk(logits, tree.max_rank + 1, dim=-1).indices  # (H, K)
     head, rank = tree.heads_and_ranks.unbind(-1)  # (N,), (N,)
     return torch.cat([root.reshape(1), top[head, rank]])  # (N+1,)
+
+
+def draft_history(history: torch.Tensor, extra: int) -> torch.Tensor:
+    """(1, t) -> (1, t + extra): the history a draft `extra` tokens past the root is processed with; the unknown
+    tokens are copies of the root (drafting only: verification reads each node's true path)."""
+    return torch.cat([history, history[:, -1:].expand(1, extra)], dim=1) if extra else history
 
 
 def verify(body, tokens, tree_bias, depths, mask, cache, past: int) -> torch.Tensor:
@@ -265,18 +375,20 @@ def walk_buffers(tree: Tree, device) -> WalkBuffers:
     return WalkBuffers(children, child_index.to(device), by_depth, ancestors.to(device))
 
 
-def node_probs(logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k) -> torch.Tensor:
+def node_probs(
+    logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
     """(n, V) logits of every tree node -> (n, V) probabilities, each node's processors reading the history it
     would have in AR decoding (prefix + its path): one processor call per depth, softmax once. Processors that
     all declare `reads_history = False` (they ignore input_ids) are called once on every node."""
     if processor is None or not reads_history(processor):
-        return scores_to_probs(logits, history, processor, temperature, top_k)
+        return scores_to_probs(logits, history, processor, temperature, top_k, top_p, min_p)
     scores = torch.empty_like(logits, dtype=torch.float32)  # (n, V)
     for d, nodes in enumerate(buffers.by_depth):
         path = tokens[buffers.ancestors[nodes, :d]]  # (n_d, d)
         rows = torch.cat([history.expand(len(nodes), -1), path], dim=1)  # (n_d, T + d)
         scores[nodes] = processor(rows, logits[nodes].float())
-    return scores_to_probs(scores, history, None, temperature, top_k)
+    return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
 
 def reads_history(processor) -> bool:
@@ -304,7 +416,7 @@ def walk(probs, tokens, buffers: WalkBuffers, rule, u) -> tuple[list[int], int]:
 def generate(
     model,
     heads: "DraftHeads | FeatureDrafter",
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     tree: Tree | None = None,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
@@ -317,11 +429,19 @@ def generate(
     generator: torch.Generator | None = None,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    inputs_embeds: torch.Tensor | None = None,
+    stopping_criteria=None,
 ) -> GenerationOutput:
     """Draft -> verify -> accept decoding (VADUSA). `tree` defaults to the top-1 chain over all heads.
 
-    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding.
+    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding. Top-p and
+    min-p (as transformers' warpers) shape the base distribution every rule reads, so lossless stays exact.
+    The prompt may be `inputs_embeds` (1, T, D), as in `generate_ar` (a feature drafter then sees the prompt's
+    last state only); `stopping_criteria` are checked after every emitted token.
     """
+    check_sampling(top_p, min_p)
     tree = tree if tree is not None else Tree.chain(heads.max_depth)
     tree.validate_for(heads.max_depth)
     heads.check_compatible(model)
@@ -329,7 +449,7 @@ def generate(
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
     n = len(tree)
-    d = _Decoding(model, input_ids, max_new_tokens, n, eos_token_id, streamer)
+    d = _Decoding(model, input_ids, max_new_tokens, n, eos_token_id, streamer, inputs_embeds, stopping_criteria)
     device, dtype = model.device, out_layer.weight.dtype
 
     # Buffers built once per call: the tree's additive mask lives in a prefix-wide buffer of zeros.
@@ -339,19 +459,20 @@ def generate(
     buffers = walk_buffers(tree, device)
     width = buffers.child_index.shape[1]
 
-    prompt_states = body(input_ids=d.prompt, past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
+    prompt_states = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
     hidden = prompt_states[-1]  # (D,)
     d.forward_passes = 1
-    probs = logits_to_probs(out_layer(hidden), d.prompt, processor, temperature, top_k)
+    probs = logits_to_probs(out_layer(hidden), d.history(), processor, temperature, top_k, top_p, min_p)
     d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's own cache: rows (x_{j+1}, f_j) of the prompt, the root's last
         session, plan = DraftSession(heads, model, d.seq.shape[1]), tree_plan(tree, dtype)
-        root_feat = session.commit(d.seq[0, 1 : d.length], prompt_states)  # (D,)
+        skip = max(d.history_start - 1, 0)  # an embeddings prompt has no token ids: commit its last row alone
+        root_feat = session.commit(d.seq[0, 1 + skip : d.length], prompt_states[skip:])  # (D,)
     while not d.done:
         past = d.length - 1  # cache holds everything before the root
         root = d.seq[0, past]  # 0-dim
-        history = d.seq[:, : d.length]  # (1, past + 1)
+        history = d.history()  # (1, t) prompt ids (if any) + emitted tokens
         if feature:
             tokens = session.draft(plan, root, root_feat, history, processor)  # (n,)
         else:
@@ -360,7 +481,8 @@ def generate(
         states = verify(body, tokens, tree_bias, depths, mask, d.cache, past)  # (n, D)
         d.forward_passes += 1
 
-        probs = node_probs(out_layer(states), tokens, history, buffers, processor, temperature, top_k)  # (n, V)
+        logits = out_layer(states)  # (n, V)
+        probs = node_probs(logits, tokens, history, buffers, processor, temperature, top_k, top_p, min_p)  # (n, V)
         path, next_root = walk(probs, tokens, buffers, rule, rule.uniforms(n, width, generator, device))
 
         d.cache.keep(past, torch.tensor(path, device=device))

@@ -43,7 +43,7 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 import torch
 
 from ..accept import sample
-from ..generate import GenerationOutput, _Decoding, as_processor, scores_to_probs, split_model
+from ..generate import GenerationOutput, _Decoding, as_processor, check_sampling, scores_to_probs, split_model
 from .masks import MaskBuffer
 
 UNMASK_RULES = ("any", "prefix")
@@ -58,8 +58,10 @@ def check_block_options(block_size, threshold, unmask="any") -> None:
         raise ValueError(f"unmask must be one of {UNMASK_RULES}, got {unmask!r}")
 
 
-def block_probs(logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int) -> torch.Tensor:
-    """(k, V) logits -> (k, V) probabilities: processors, then temperature, then top-k (as `logits_to_probs`).
+def block_probs(
+    logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int, top_p=1.0, min_p=0.0
+) -> torch.Tensor:
+    """(k, V) logits -> (k, V) probabilities: processors, then temperature, top-k, top-p, min-p (`scores_to_probs`).
 
     The mask token is never a target: its probability is 0.
     """
@@ -67,7 +69,7 @@ def block_probs(logits, history, processor, temperature: float, top_k: int | Non
     if processor is not None:
         scores = processor(history.expand(scores.shape[0], -1), scores)
     scores[:, mask_token_id] = float("-inf")
-    return scores_to_probs(scores, history, None, temperature, top_k)
+    return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
 
 def sample_and_select(
@@ -105,16 +107,29 @@ def shifted(index: list[int], offset: int, device=None) -> slice | torch.Tensor:
     return torch.tensor(index, device=device) + offset
 
 
-def forward_window(body, cache, masks: MaskBuffer, commit, window, causal_commit: bool) -> torch.Tensor:
+def window_inputs(body, ids: torch.Tensor, past: int, prompt_embeds) -> dict:
+    """Model inputs of rows `ids` (1, w) at positions past.. : {"input_ids"}, or {"inputs_embeds"} whose rows
+    inside an embeddings prompt (1, T, D) are the prompt's own and the others the model's token embeddings."""
+    inside = 0 if prompt_embeds is None else max(0, prompt_embeds.shape[1] - past)
+    if inside == 0:
+        return {"input_ids": ids}
+    embeds = body.get_input_embeddings()(ids)  # (1, w, D)
+    embeds[:, :inside] = prompt_embeds[:, past : past + inside]
+    return {"inputs_embeds": embeds}
+
+
+def forward_window(body, cache, masks: MaskBuffer, commit, window, causal_commit: bool, prompt_embeds=None):
     """One forward of [commit ; window] after the cache, under the decoding mask -> (c + w, D) hidden states.
 
     The commit sees the cache and itself (causally if `causal_commit`), the window sees everything before it
-    and itself; both are appended to the cache (callers crop what they do not keep)."""
+    and itself; both are appended to the cache (callers crop what they do not keep). Rows at positions of an
+    embeddings prompt (`prompt_embeds`, 1, T, D) read its embeddings instead of their placeholder ids."""
     past = cache.get_seq_length()
     ids = torch.cat([commit, window])[None]  # (1, c + w)
     mask = masks.take(past, len(commit), len(window), causal_commit)
     positions = torch.arange(past, past + ids.shape[1], device=ids.device)[None]
-    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    inputs = window_inputs(body, ids, past, prompt_embeds)
+    out = body(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     masks.clear()
     return out.last_hidden_state[0]
 
@@ -122,7 +137,7 @@ def forward_window(body, cache, masks: MaskBuffer, commit, window, causal_commit
 @torch.no_grad()
 def generate(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     block_size: int = 4,
     threshold: float = 0.02,
     temperature: float = 1.0,
@@ -138,6 +153,9 @@ def generate(
     unmask: str = "any",
     approximate_cache: bool = False,
     sliding: bool = False,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
@@ -148,8 +166,10 @@ def generate(
     to the model config's `mask_token_id` / `block_causal_clean` / `block_teacher_prefix`, set by
     `load_student`. `accepted_lengths` holds the targets decided by each forward after the first. The
     returned `cache` is None: block-causal keys and values are not an auto-regressive cache to continue from.
+    The prompt may be `inputs_embeds` (1, T, D) instead of ids (`sequences` then holds the new tokens only).
     """
     check_block_options(block_size, threshold, unmask)
+    check_sampling(top_p, min_p)
     mask_token_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     vocab = model.get_input_embeddings().weight.shape[0]
     if mask_token_id is None or not 0 <= int(mask_token_id) < vocab:
@@ -164,7 +184,7 @@ def generate(
     split = getattr(model, "base_tokens", None)  # a teacher-prefix student's TwoWayLinear switch
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
-    d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer)
+    d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer, inputs_embeds)
     device, dtype = model.device, out_layer.weight.dtype
     masks = MaskBuffer(2 * block_size, d.seq.shape[1], dtype, device)
     seq = d.seq[0]  # (capacity,) prompt + decided tokens (decided-but-not-emitted ones sit past d.length)
@@ -173,7 +193,8 @@ def generate(
     reusable = not (teacher_prefix or causal_clean)
 
     def probs_of(rows):  # (k, D) hidden rows -> (k, V) probabilities of their targets
-        return block_probs(out_layer(rows), d.seq[:, : d.length], processor, temperature, top_k, mask_token_id)
+        history = d.history()
+        return block_probs(out_layer(rows), history, processor, temperature, top_k, mask_token_id, top_p, min_p)
 
     if (approximate_cache or sliding) and not reusable:
         name = "sliding" if sliding else "approximate_cache"
@@ -197,7 +218,7 @@ def generate(
             clean = all(fed)  # no mask token among the window's inputs
             if split is not None:
                 split.count = len(commit) if teacher_prefix else 0
-            hidden = forward_window(body, d.cache, masks, commit, window, causal_commit)
+            hidden = forward_window(body, d.cache, masks, commit, window, causal_commit, d.embeds)
             hidden = hidden[max(0, p - 1 - past) :]  # (r, D) rows of inputs p-1 ... p+n-2: targets n-r .. n-1
             first_pass = d.forward_passes == 0
             d.forward_passes += 1
@@ -259,7 +280,7 @@ def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold,
         n = min(size - (p - start) + 1, d.max_new_tokens - (p - d.prompt_len))  # targets p .. p+n-1
         seq[p : p + n - 1] = mask_token_id
         window = seq[start : p - 1 + n]  # (w,) w = (p - start) + n - 1 <= size
-        hidden = forward_window(body, d.cache, masks, commit, window, True)[-n:]  # (n, D) inputs p-1 .. p+n-2
+        hidden = forward_window(body, d.cache, masks, commit, window, True, d.embeds)[-n:]  # (n, D) inputs p-1 .. p+n-2
         tokens, chosen = sample_and_select(probs_of(hidden), temperature, threshold, generator, prefix=True)
         decided = tokens[: int(chosen.sum())].tolist()  # the leading run, >= 1 target
         if d.forward_passes > 0:

@@ -1,7 +1,8 @@
 """Synthesise speech with the demo TTS (or weights from --model-dir), offline.
 
     python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder vadusa|ar|block]
-                     [--temperature 1.0] [--seed 0] [--json stats.json] [--stream]
+                     [--temperature 1.0] [--top-k K] [--top-p P] [--min-p M] [--seed 0] [--json stats.json]
+                     [--stream]
     python decode.py --texts texts.txt --out-dir wavs/ --json stats.json
     python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
 
@@ -35,6 +36,7 @@ from vadusa.speech.stats import summary, text_stats
 
 # given to the decoder if set
 DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache", "sliding")
+SAMPLING_FLAGS = ("top_k", "top_p", "min_p")  # given to every decoder's run if set
 
 
 def parse_args(argv=None):
@@ -47,9 +49,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--decoder",
         default="vadusa",
-        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate",
+        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate, "
+        "vadusa-hf (vadusa through model.generate(custom_generate=...))",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens holding mass p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (text i of --texts uses seed + i)")
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
@@ -94,7 +100,7 @@ def parse_args(argv=None):
 
 def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
     """Synthesise one text, write its wav, return its stats row."""
-    options = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in DECODER_FLAGS + SAMPLING_FLAGS if getattr(args, k) is not None}
     if args.stream:
         return speak_streamed(pipe, text, wav_path, args, seed, options)
     out = pipe.generate(
