@@ -404,7 +404,6 @@ def head_losses(
     return losses, hits
 
 
-
 # ----- schedule and data order: pure functions of (seed, step) -----
 def learning_rate(step: int, peak: float, config: TrainConfig) -> float:
     if step < config.warmup:

@@ -372,7 +372,10 @@ def sample_pool(
             attention[i, width - len(p) :] = 1
         torch.manual_seed(seed)  # generate() uses the global RNG
         out = model.generate(
-            ids, attention_mask=attention, generation_config=gconf, logits_processor=logits_processor
+            ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            generation_config=gconf,
+            logits_processor=logits_processor,
         )  # (n, width + new)
         for i, p in enumerate(group):
             new = out[i, width:].tolist()
@@ -558,7 +561,9 @@ def train(
     if initial is not None:
         load_adapter_weights(student, initial, cfg.init_adapter)
     params = [p for p in student.parameters() if p.requires_grad]
-    distributed.broadcast_params(params)  # every rank starts from rank 0's LoRA
+    # the LoRA is drawn from the global RNG as the pool's last sampling batch left it (as in one process): the
+    # rank that sampled that batch sends its LoRA to every rank
+    distributed.broadcast_params(params, src=(-(-cfg.pool_size // cfg.pool_batch) - 1) % world.size)
     dtype = params[0].dtype
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "minutes": 0.0, "targets_seen": 0, "inputs_seen": 0, "config": asdict(cfg)}
