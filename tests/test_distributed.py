@@ -55,7 +55,11 @@ def test_two_processes_train_the_same_heads_as_one(lm):
     train_heads.main(common + run + ["--cache", str(lm / "c1"), "--out", str(lm / "h1"), "--batch-tokens", "128"])
 
     index = json.loads((lm / "c2" / "cache.json").read_text())
-    assert index["world_size"] == 2 and [e["rank"] for e in index["shards"]] == [0, 1, 0]  # 24 prompts, 8 a shard
+    assert index["world_size"] == 2 and [e["rank"] for e in index["shards"]] == [
+        0,
+        1,
+        1,
+    ]  # 24 prompts, 8 a shard, snake
     one, two = train.load_cache(lm / "c1"), train.load_cache(lm / "c2")
     assert torch.equal(one.gen, two.gen) and torch.equal(one.lengths, two.lengths)  # same samples, any world size
     torch.testing.assert_close(one.hidden, two.hidden, atol=1e-5, rtol=0)

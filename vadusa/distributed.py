@@ -29,9 +29,14 @@ class World:
         """Rank 0: the one process that logs, writes checkpoints and saves artifacts."""
         return self.rank == 0
 
+    def owner(self, item: int) -> int:
+        """The rank of work item i (a cache shard, a sampling batch): items are dealt out in snake order
+        0, 1, .., N-1, N-1, .., 1, 0, 0, 1, .. so that items sorted by size give every rank a similar share."""
+        turn, place = divmod(item, self.size)
+        return place if turn % 2 == 0 else self.size - 1 - place
+
     def owns(self, item: int) -> bool:
-        """The assignment of work items (cache shards, sampling batches) to ranks: item i goes to rank i mod size."""
-        return item % self.size == self.rank
+        return self.owner(item) == self.rank
 
     def share(self, items: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of a global batch: rank r gets piece r of `tensor_split(size)`."""

@@ -23,7 +23,8 @@ Token layout of one cached sequence with prompt length P and G generated tokens 
 Checkpoints are one safetensors file (heads, LoRA, optimizer state, step) replaced atomically, so an
 interrupted run resumes bit-exactly: data order and learning rate are pure functions of (seed, step).
 
-Under torchrun (vadusa.distributed) with N ranks: cache shard s is sampled and written by rank s mod N
+Under torchrun (vadusa.distributed) with N ranks: cache shard s is sampled and written by rank
+`World.owner(s)` (snake order 0, 1, .., N-1, N-1, .., 0, 0, ..: shards are sorted by prompt length)
 (cache.json lists every shard with its rank); step t's global batch is the batch a single process with
 N x the per-rank batch draws at step t, rank r training piece r of it; each rank divides its loss sums by
 the counts summed over all ranks and the gradients are summed (one all-reduce), so N ranks take exactly
@@ -221,7 +222,7 @@ def build_cache(
     """Sample the base on `prompts` and write shards cache-00000.safetensors ... (skips shards already written).
 
     `caps`: a cap on new tokens per prompt (e.g. what the TTS allows for it); default config.max_new_tokens.
-    Under torchrun every rank calls this with the same prompts: shard s is sampled by rank s mod N (its seeds
+    Under torchrun every rank calls this with the same prompts: shard s is sampled by rank `world.owner(s)` (its seeds
     depend only on the shard's place, so the cache is the same for any N), and cache.json lists the shards
     with their ranks before sampling starts, so a shard missing later is named with the rank that owed it.
     """
@@ -247,7 +248,7 @@ def build_cache(
         "shards": [
             {
                 "name": f"cache-{s:05d}.safetensors",
-                "rank": s % world.size,
+                "rank": world.owner(s),
                 "sequences": len(jobs[a : a + config.shard_size]),
             }
             for s, a in enumerate(starts)

@@ -24,7 +24,7 @@ student learns only the targets after it (and a step costs ~0.6x: no backward th
 Progress is steps done / `steps`, or elapsed / `max_minutes` when that is larger (a time box).
 Checkpoints (adapter + optimizer + RNG state, safetensors, swapped in atomically) allow `resume`.
 
-Under torchrun (vadusa.distributed) with N ranks: pool batch j is sampled by rank j mod N into its own
+Under torchrun (vadusa.distributed) with N ranks: pool batch j is sampled by rank World.owner(j) into its own
 shard pool-<rank>.safetensors (pool.json lists them); every rank runs the same generator, so a step's
 global batch (N x batch_size sequences) and its masks are those one process with N x batch_size draws;
 rank r trains piece r, its loss divided by the global count of targets, and the gradients are summed.
@@ -339,7 +339,7 @@ def sample_pool(
 ):  # fmt: skip
     """One teacher continuation per prompt (cycling through `prompts`), as (ids (T,), prompt_len) pairs.
 
-    `world`: sample only the batches this rank owns (batch j: rank j mod N), as (pool index, ids, prompt_len);
+    `world`: sample only the batches this rank owns (batch j: rank `world.owner(j)`), as (pool index, ids, prompt_len);
     every rank draws the seeds of all batches, so the pool and the generator are the same for any N.
     `draw_only`: advance `generator` as sampling would, sample nothing (a resumed rank's shard exists)."""
     from transformers import GenerationConfig
@@ -437,7 +437,8 @@ def pooled(model, prompts, cfg: TrainConfig, mask_token_id, eos_token_id, logits
         "pool_size": cfg.pool_size,
         "world_size": world.size,
         "shards": [
-            {"name": pool_shard(r), "rank": r, "batches": len(range(r, batches, world.size))} for r in range(world.size)
+            {"name": pool_shard(r), "rank": r, "batches": sum(world.owner(j) == r for j in range(batches))}
+            for r in range(world.size)
         ],
     }
     if world.is_main:
@@ -563,7 +564,7 @@ def train(
     params = [p for p in student.parameters() if p.requires_grad]
     # the LoRA is drawn from the global RNG as the pool's last sampling batch left it (as in one process): the
     # rank that sampled that batch sends its LoRA to every rank
-    distributed.broadcast_params(params, src=(-(-cfg.pool_size // cfg.pool_batch) - 1) % world.size)
+    distributed.broadcast_params(params, src=world.owner(-(-cfg.pool_size // cfg.pool_batch) - 1))
     dtype = params[0].dtype
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "minutes": 0.0, "targets_seen": 0, "inputs_seen": 0, "config": asdict(cfg)}
