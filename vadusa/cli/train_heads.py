@@ -113,7 +113,8 @@ def main(argv=None):
     if args.train or args.resume:
         heads = train_lib.train(model, config, args.cache, args.out, resume=args.resume)
         if world.is_main:
-            print(json.dumps(train_lib.evaluate(heads, train_lib.load_cache(args.cache), config.loss, model=model)))
+            cache = train_lib.load_cache(args.cache).to(distributed.device())
+            print(json.dumps(train_lib.evaluate(heads, cache, config.loss, model=model)))
     distributed.teardown()
     if not world.is_main:  # measuring and building trees are single-process: rank 0's
         return 0
