@@ -462,7 +462,7 @@ def test_short_distillation_lowers_the_loss(tmp_path, teacher_prefix):
     from vadusa.blockdiff.train import load_pool
 
     adapter = train(model, prompts(), cfg, mask_token_id=MASK, eos_token_id=EOS)
-    pool = load_pool(tmp_path / "pool.safetensors")
+    pool = load_pool(tmp_path)
     eval_batch = make_batch(pool[:32], Stage(4, 1.0, (0.2, 1.0)), True, MASK, torch.Generator().manual_seed(9),
                             teacher_prefix=teacher_prefix)  # fmt: skip
     with torch.no_grad():
@@ -479,7 +479,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), block_size=2, steps=3, batch_size=4, pool_size=8, max_new_tokens=10,
                       log_every=1, eval_sequences=2, eval_every=2, progress=False)  # fmt: skip
     train(sharp_llama(), prompts(8), cfg, mask_token_id=MASK, eos_token_id=EOS)
-    pool_bytes = (tmp_path / "pool.safetensors").read_bytes()
+    pool_bytes = (tmp_path / "pool-00000.safetensors").read_bytes()
     cfg.steps = 5
     train(sharp_llama(), prompts(8), cfg, mask_token_id=MASK, eos_token_id=EOS, resume=True)
     from vadusa.blockdiff.train import read_log
@@ -487,7 +487,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     log = read_log(tmp_path)
     assert [line["step"] for line in log if "loss" in line] == [1, 2, 3, 4, 5]
     assert [line["step"] for line in log if "eval_loss" in line] == [0, 2, 3, 4, 5]  # at 0, every 2 steps, at the end
-    assert (tmp_path / "pool.safetensors").read_bytes() == pool_bytes  # the teacher's pool is not resampled
+    assert (tmp_path / "pool-00000.safetensors").read_bytes() == pool_bytes  # the teacher's pool is not resampled
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 

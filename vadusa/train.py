@@ -22,6 +22,13 @@ Token layout of one cached sequence with prompt length P and G generated tokens 
     teacher[i]  the base's processed distribution of gen[i] (top-k probabilities and ids)   (G, K)
 Checkpoints are one safetensors file (heads, LoRA, optimizer state, step) replaced atomically, so an
 interrupted run resumes bit-exactly: data order and learning rate are pure functions of (seed, step).
+
+Under torchrun (vadusa.distributed) with N ranks: cache shard s is sampled and written by rank
+`World.owner(s)` (snake order 0, 1, .., N-1, N-1, .., 0, 0, ..: shards are sorted by prompt length)
+(cache.json lists every shard with its rank); step t's global batch is the batch a single process with
+N x the per-rank batch draws at step t, rank r training piece r of it; each rank divides its loss sums by
+the counts summed over all ranks and the gradients are summed (one all-reduce), so N ranks take exactly
+the single process's steps. Rank 0 alone logs, checkpoints and saves; resuming needs the same N.
 """
 
 import hashlib
@@ -35,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import distributed
 from .drafter import FeatureDrafter
 from .generate import as_processor, split_model
 from .heads import DraftHeads
@@ -214,6 +222,9 @@ def build_cache(
     """Sample the base on `prompts` and write shards cache-00000.safetensors ... (skips shards already written).
 
     `caps`: a cap on new tokens per prompt (e.g. what the TTS allows for it); default config.max_new_tokens.
+    Under torchrun every rank calls this with the same prompts: shard s is sampled by rank `world.owner(s)` (its seeds
+    depend only on the shard's place, so the cache is the same for any N), and cache.json lists the shards
+    with their ranks before sampling starts, so a shard missing later is named with the rank that owed it.
     """
     if not prompts:
         raise ValueError("no prompts to sample from")
@@ -229,19 +240,35 @@ def build_cache(
         "prompts_sha256": hashlib.sha256(json.dumps(jobs).encode()).hexdigest(),
         "sampling": {k: getattr(config, k) for k in sampling},
     }
+    world = distributed.world()
+    starts = range(0, len(jobs), config.shard_size)
+    index = record | {
+        "prompts": len(prompts),
+        "world_size": world.size,
+        "shards": [
+            {
+                "name": f"cache-{s:05d}.safetensors",
+                "rank": world.owner(s),
+                "sequences": len(jobs[a : a + config.shard_size]),
+            }
+            for s, a in enumerate(starts)
+        ],
+    }
     meta_path = cache_dir / "cache.json"
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in record} != record:
-            raise ValueError(f"cache {cache_dir} holds other prompts or sampling settings: use a new directory")
-    else:
-        _write_text(meta_path, json.dumps(record, indent=2))
-    shards = []
-    bar = tqdm(total=len(jobs), desc="sample base", disable=not progress)
-    for s, start in enumerate(range(0, len(jobs), config.shard_size)):
-        path = cache_dir / f"cache-{s:05d}.safetensors"
-        shards.append(path)
+    if world.is_main:
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            if {k: old.get(k) for k in record} != record:
+                raise ValueError(f"cache {cache_dir} holds other prompts or sampling settings: use a new directory")
+        _write_text(meta_path, json.dumps(index, indent=2))
+    distributed.barrier()
+    shards = [cache_dir / e["name"] for e in index["shards"]]
+    mine = sum(e["sequences"] for e in index["shards"] if e["rank"] == world.rank)
+    bar = tqdm(total=mine, desc="sample base", disable=not (progress and world.is_main))
+    for s, (start, path) in enumerate(zip(starts, shards, strict=True)):
         chunk = jobs[start : start + config.shard_size]
+        if not world.owns(s):
+            continue
         if path.is_file():  # written by an earlier (interrupted) call with the same settings
             bar.update(len(chunk))
             continue
@@ -257,7 +284,8 @@ def build_cache(
             bar.update(len(batch))
         save_shard(path, seqs)
     bar.close()
-    _write_text(meta_path, json.dumps(record | {"prompts": len(prompts), "shards": [p.name for p in shards]}, indent=2))
+    distributed.barrier()  # every rank's shards are written before anyone trains on the cache
+    distributed.check_shards(cache_dir, index["shards"], "cache")
     return shards
 
 
@@ -297,6 +325,17 @@ class Cache:
         """(M,) sequence index of every flat position."""
         return torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)
 
+    def to(self, device) -> "Cache":
+        """The cache on `device` (a GPU rank keeps its whole cache there)."""
+        if torch.device(device) == self.gen.device:
+            return self
+        move = lambda xs: None if xs is None else [x.to(device) for x in xs]  # noqa: E731
+        tensors = {
+            f: getattr(self, f).to(device)
+            for f in ("starts", "lengths", "gen", "hidden", "teacher_probs", "teacher_ids")
+        }
+        return Cache(prompts=move(self.prompts), prompt_hidden=move(self.prompt_hidden), **tensors)
+
     def targets(self, num_heads: int) -> torch.Tensor:
         """(M, H) flat index of head k's target for the state at m (m + 1 + k), -1 past the sequence's end."""
         end = (self.starts + self.lengths)[self.seq_of]  # (M,)
@@ -305,8 +344,14 @@ class Cache:
 
 
 def load_cache(cache_dir: str | os.PathLike) -> Cache:
+    """Every shard cache.json lists (a missing one raises, naming its rank); caches without that list: all shards."""
     cache_dir = Path(cache_dir)
-    shards = sorted(cache_dir.glob("cache-*.safetensors"))
+    meta = cache_dir / "cache.json"
+    entries = json.loads(meta.read_text()).get("shards", []) if meta.is_file() else []
+    if entries and isinstance(entries[0], dict):
+        shards = distributed.check_shards(cache_dir, entries, "cache")
+    else:  # written before the index listed its shards
+        shards = sorted(cache_dir.glob("cache-*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no cache shards (cache-*.safetensors) in {cache_dir}: run build_cache first")
     parts = [load_file(s) for s in shards]
@@ -341,7 +386,8 @@ def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Ten
 def head_losses(
     logits: torch.Tensor, targets: torch.Tensor, cache: Cache, loss: str
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per head: mean loss and top-1 hits (vs the sampled token) over rows whose target exists.
+    """Per head: the per-row losses and top-1 hits (vs the sampled token), (n_k,) each, of the rows whose
+    target exists (reduce them with `distributed.global_means`).
 
     logits (N, H, V) of the heads at N states; targets (N, H) flat target indices (-1: none).
     """
@@ -354,7 +400,7 @@ def head_losses(
             per_row = soft_cross_entropy(lk, cache.teacher_probs[idx], cache.teacher_ids[idx])
         else:
             per_row = torch.nn.functional.cross_entropy(lk.float(), cache.gen[idx], reduction="none")
-        losses.append(per_row.mean() if len(idx) else lk.sum() * 0)
+        losses.append(per_row)
         hits.append((lk.argmax(-1) == cache.gen[idx]).float())
     return losses, hits
 
@@ -431,12 +477,14 @@ def joint_batch(peft_model, cache: Cache, seqs: torch.Tensor):
 
 
 # ----- feature drafters: whole sequences, unrolled -----
-def feature_batch(cache: Cache, seqs: torch.Tensor, depth: int) -> dict:
+def feature_batch(cache: Cache, seqs: torch.Tensor, depth: int, first_root: int | None = None) -> dict:
     """Right-padded tensors of whole sequences for `FeatureDrafter.unrolled_features`.
 
     ids (S, T + depth) tokens x_0.. (0-padded), feats (S, T, D) the base's f_0 .. f_{T-1} (T = P + G - 1 at
     most), and per row j and step k: teacher (S, T, depth) flat cache index of the target x_{j+2+k} (-1: none,
-    i.e. past the end or a prompt token) and feat_ok (S, T, depth) whether f_{j+1+k} exists.
+    i.e. past the end or a prompt token) and feat_ok (S, T, depth) whether f_{j+1+k} exists; start: the first
+    row deeper steps draft from, `first_root` (default: the shortest prompt's last row; a rank's share of a
+    global batch passes the global batch's).
     """
     if cache.prompt_hidden is None:
         raise ValueError("this cache has no prompt states (built before feature drafters): rebuild it")
@@ -461,33 +509,36 @@ def feature_batch(cache: Cache, seqs: torch.Tensor, depth: int) -> dict:
         ok = (q >= p) & (q < len(x)) & (torch.arange(width)[:, None] < len(f))
         teacher[b] = torch.where(ok, start + q - p, -1)
         feat_ok[b] = (j + 1 < len(f)) & (torch.arange(width)[:, None] < len(f))
-    start = min(p for p, *_ in rows) - 1  # the first row a decoding step can start from (the first root's)
-    return {"ids": ids, "feats": feats, "teacher": teacher, "feat_ok": feat_ok, "start": start}
+    if first_root is None:
+        first_root = min(p for p, *_ in rows) - 1  # the first row a decoding step can start from (the first root's)
+    device = cache.gen.device
+    tensors = {"ids": ids, "feats": feats, "teacher": teacher, "feat_ok": feat_ok}
+    return {k: v.to(device) for k, v in tensors.items()} | {"start": first_root}
 
 
-def feature_losses(drafter, model, cache: Cache, batch: dict, config: TrainConfig):
-    """Per unrolled step k: KL to the base's distribution of x_{j+2+k} (+ feature_weight x smooth L1 to
-    f_{j+1+k}), and top-1 hits vs the sampled token. -> (losses, hits) lists of length depth."""
+def feature_losses(drafter, model, cache: Cache, batch: dict):
+    """Per unrolled step k: per-row KL to the base's distribution of x_{j+2+k}, per-element smooth L1 to
+    f_{j+1+k} and top-1 hits vs the sampled token -> (kl, reg, hits) lists of length depth; step k's loss is
+    mean(kl) + feature_weight x mean(reg)."""
     embed = model.get_input_embeddings().weight.detach()
     out_weight = model.get_output_embeddings().weight.detach()
     feats = batch["feats"]
     t, start = feats.shape[1], batch["start"]
-    outs = drafter.unrolled_features(embed[batch["ids"][:, 1:]].float(), feats, config.num_heads, start)
-    losses, hits = [], []
+    outs = drafter.unrolled_features(embed[batch["ids"][:, 1:]].float(), feats, batch["teacher"].shape[-1], start)
+    kls, regs, hits = [], [], []
     for k, out in enumerate(outs):
         first = t - out.shape[1]  # row of out[:, 0]
         target = batch["teacher"][:, first:, k]  # (S, rows)
         ok = target >= 0
         logits = out[ok] @ out_weight.float().T  # (n, V)
         idx = target[ok]
-        kl = soft_cross_entropy(logits, cache.teacher_probs[idx], cache.teacher_ids[idx]).mean()
+        kls.append(soft_cross_entropy(logits, cache.teacher_probs[idx], cache.teacher_ids[idx]))  # (n,)
         fok = batch["feat_ok"][:, first:, k]
         shifted = torch.zeros_like(feats)
         shifted[:, : t - 1 - k] = feats[:, 1 + k :]  # f_{j+1+k} at row j
-        reg = torch.nn.functional.smooth_l1_loss(out[fok], shifted[:, first:][fok])
-        losses.append(kl + config.feature_weight * reg)
+        regs.append(torch.nn.functional.smooth_l1_loss(out[fok], shifted[:, first:][fok], reduction="none"))
         hits.append((logits.argmax(-1) == cache.gen[idx]).float())
-    return losses, hits
+    return kls, regs, hits
 
 
 # ----- checkpoints -----
@@ -498,25 +549,33 @@ def trainable(heads: DraftHeads, peft_model) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-def save_checkpoint(path: Path, step: int, params: dict, optimizer, config: TrainConfig) -> None:
-    """Params, AdamW state and step in ONE safetensors file, replaced atomically."""
+def save_checkpoint(path: Path, step: int, params: dict, optimizer, config: TrainConfig, world_size: int = 1) -> None:
+    """Params, AdamW state, step and the run's world size in ONE safetensors file, replaced atomically."""
     tensors = {k: p.detach().cpu().contiguous() for k, p in params.items()}
     state = optimizer.state_dict()
     for i, s in state["state"].items():
         for name, value in s.items():
             tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     meta = {"step": str(step), "config": json.dumps(asdict(config)), "param_groups": json.dumps(state["param_groups"])}
+    meta["world_size"] = str(world_size)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, params: dict, optimizer, config: TrainConfig) -> int:
-    """Restore params and optimizer from `path`; the config must match the one it was written with."""
+def load_checkpoint(path: Path, params: dict, optimizer, config: TrainConfig, world_size: int = 1) -> int:
+    """Restore params and optimizer from `path`; the config and world size must match the ones it was written with."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         meta = f.metadata()
+    saved_world = int(meta.get("world_size", 1))
+    if saved_world != world_size:
+        raise ValueError(
+            f"cannot resume from {path}: it was written by a run of world size {saved_world}, this run has world size"
+            f" {world_size}; resume with the same number of processes (torchrun --nproc_per_node {saved_world}"
+            f" ..., or plain python for 1): the data order is defined per world size"
+        )
     saved = json.loads(meta["config"])
     diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v and k != "checkpoint_every"}
     if diff:
@@ -553,9 +612,13 @@ def train(
     """Train heads (and in joint mode a LoRA) on the cache; save heads (+ adapter) to `out_dir`.
 
     `stop_after` ends the run early after that step's checkpoint (used to test resuming).
+    Under torchrun every rank calls this; batch_tokens / batch_sequences are per rank (global = x world size).
     """
+    world = distributed.world()
+    progress = progress and world.is_main
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if config.kind == "feature":
         heads = FeatureDrafter.from_model(model, depth=config.num_heads, seed=config.seed).float().train()
     else:
@@ -573,7 +636,8 @@ def train(
                 f" the config asks for {(config.num_heads, config.num_layers, config.root_token)}"
             )
         heads.load_state_dict(start.state_dict())
-    cache = load_cache(cache_dir)
+    device = model.get_output_embeddings().weight.device
+    cache = load_cache(cache_dir).to(device)
     hidden_size = split_model(model)[1].weight.shape[1]
     if cache.hidden.shape[1] != hidden_size:
         raise ValueError(f"cache {cache_dir} holds hidden size {cache.hidden.shape[1]}, the model has {hidden_size}")
@@ -581,7 +645,9 @@ def train(
     usable = (targets[:, 0] >= 0).nonzero().flatten()  # states with at least head 0's target
     if config.kind == "feature" and cache.prompt_hidden is None:
         raise ValueError(f"cache {cache_dir} has no prompt states (built before feature drafters): rebuild it")
-    sequence_lengths = cache.lengths + lengths_of(cache.prompts)  # (S,) prompt + generated, for bucketing
+    sequence_lengths = cache.lengths.cpu() + lengths_of(cache.prompts)  # (S,) prompt + generated, for bucketing
+    if len(cache.lengths) < world.size:
+        raise ValueError(f"cache {cache_dir} holds {len(cache.lengths)} sequences, fewer than the {world.size} ranks")
 
     peft_model = None
     if config.mode == "joint":
@@ -589,6 +655,7 @@ def train(
             p.requires_grad_(False)
         peft_model = add_lora(model, config)
     params = trainable(heads, peft_model)
+    distributed.broadcast_params(list(params.values()))  # every rank starts from rank 0's weights
     groups = [{"params": list(heads.parameters()), "lr": config.lr, "peak": config.lr}]
     if peft_model is not None:
         lora = [p for k, p in params.items() if k.startswith("lora.")]
@@ -596,7 +663,7 @@ def train(
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
     ckpt = out_dir / CHECKPOINT_NAME
-    step = load_checkpoint(ckpt, params, optimizer, config) if resume and ckpt.is_file() else 0
+    step = load_checkpoint(ckpt, params, optimizer, config, world.size) if resume and ckpt.is_file() else 0
     if resume and not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {ckpt} to resume from")
     weights = [
@@ -610,47 +677,67 @@ def train(
     while step < config.steps:
         for g in optimizer.param_groups:
             g["lr"] = learning_rate(step, g["peak"], config)
-        base_loss = None
+        base_loss, h = None, config.num_heads
         if config.kind == "feature":
-            seqs = bucketed_indices(step, sequence_lengths, config.batch_sequences, config.seed)
-            losses, hits = feature_losses(heads, model, cache, feature_batch(cache, seqs, config.num_heads), config)
+            seqs = bucketed_indices(step, sequence_lengths, config.batch_sequences * world.size, config.seed)
+            start = int(min(len(cache.prompts[s]) for s in seqs.tolist())) - 1  # the global batch's first root
+            batch = feature_batch(cache, world.share(seqs), h, start)
+            kls, regs, hits = feature_losses(heads, model, cache, batch)
+            means = distributed.global_means(kls + regs + hits)
+            losses = [means[k] + config.feature_weight * means[h + k] for k in range(h)]
         elif peft_model is None:
-            rows = usable[batch_indices(step, len(usable), config.batch_tokens, config.seed)]
+            rows = world.share(usable[batch_indices(step, len(usable), config.batch_tokens * world.size, config.seed)])
             logits = heads(cache.hidden[rows], cache.gen[rows])
-            losses, hits = head_losses(logits, targets[rows], cache, config.loss)
+            per_row, hits = head_losses(logits, targets[rows], cache, config.loss)
+            means = distributed.global_means(per_row + hits)
+            losses = means[:h]
         else:
-            seqs = batch_indices(step, len(cache.lengths), config.batch_sequences, config.seed)
+            seqs = world.share(
+                batch_indices(step, len(cache.lengths), config.batch_sequences * world.size, config.seed)
+            )
             states, rows = joint_batch(peft_model, cache, seqs)
             logits = split_model(peft_model.get_base_model())[1](states)  # (N, V)
-            base_loss = soft_cross_entropy(logits, cache.teacher_probs[rows], cache.teacher_ids[rows]).mean()
-            losses, hits = head_losses(heads(states.float(), cache.gen[rows]), targets[rows], cache, config.loss)
+            base_rows = soft_cross_entropy(logits, cache.teacher_probs[rows], cache.teacher_ids[rows])  # (N,)
+            per_row, hits = head_losses(heads(states.float(), cache.gen[rows]), targets[rows], cache, config.loss)
+            means = distributed.global_means([base_rows] + per_row + hits)
+            base_loss, losses = means[0], means[1 : h + 1]
+        top1 = means[-h:]  # this rank's share of each head's global top-1
         total = sum(w * lk for w, lk in zip(weights, losses, strict=True))
         if base_loss is not None:
             total = total + base_loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        distributed.all_reduce_grads([p for g in groups for p in g["params"]])  # sum of shares = global gradient
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
         optimizer.step()
         step += 1
-        record = {"step": step, "loss": total.item(), "head_loss": [x.item() for x in losses]}
-        record["top1"] = [float(h.mean()) if len(h) else 0.0 for h in hits]
+        shares = [total, *losses, *top1] + ([base_loss] if base_loss is not None else [])
+        stats = distributed.all_reduce_sum(torch.stack([x.detach().float() for x in shares])).tolist()
+        record = {"step": step, "loss": stats[0], "head_loss": stats[1 : h + 1], "top1": stats[h + 1 : 2 * h + 1]}
         if base_loss is not None:
-            record["base_loss"] = base_loss.item()
+            record["base_loss"] = stats[-1]
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", top1="/".join(f"{a:.2f}" for a in record["top1"]))
         bar.update()
         if step % config.checkpoint_every == 0 or step == config.steps:
-            save_checkpoint(ckpt, step, params, optimizer, config)
+            if world.is_main:
+                save_checkpoint(ckpt, step, params, optimizer, config, world.size)
             if stop_after is not None and step >= stop_after:
                 break
     bar.close()
     heads.eval().requires_grad_(False)
-    heads.save_pretrained(out_dir)
+    if world.is_main:
+        heads.save_pretrained(out_dir)
+        if peft_model is not None:
+            save_adapter(peft_model, out_dir)
+        batch = {"world_size": world.size, "global_batch_tokens": config.batch_tokens * world.size}
+        batch["global_batch_sequences"] = config.batch_sequences * world.size
+        record = {"config": asdict(config), "distributed": batch, "last": history[-1:]}
+        _write_text(out_dir / TRAINING_RECORD, json.dumps(record, indent=2))
     if peft_model is not None:
-        save_adapter(peft_model, out_dir)
         peft_model.unload()  # leave the caller's model as it was (LoRA layers removed, base weights untouched)
-    _write_text(out_dir / TRAINING_RECORD, json.dumps({"config": asdict(config), "last": history[-1:]}, indent=2))
+    distributed.barrier()  # the artifacts are saved before any rank returns
     return heads
 
 
@@ -680,7 +767,7 @@ def evaluate(heads, cache: Cache, loss: str = "kl", batch: int = 4096, model=Non
         losses, hits = head_losses(heads(cache.hidden[rows], cache.gen[rows]), targets[rows], cache, loss)
         for k in range(h):
             n = len(hits[k])
-            sums[k] += float(losses[k]) * n
+            sums[k] += float(losses[k].sum())
             hit_sums[k] += float(hits[k].sum())
             counts[k] += n
     return {
@@ -703,13 +790,14 @@ def evaluate_feature(drafter: FeatureDrafter, model, cache: Cache, sequences: in
     if model is None:
         raise ValueError("evaluating a feature drafter needs the base model")
     depth = drafter.config.depth
-    config = TrainConfig(kind="feature", num_heads=depth)
+    weight = TrainConfig.feature_weight
     sums, hit_sums, counts = [0.0] * depth, [0.0] * depth, [0] * depth
     for start in range(0, len(cache.lengths), sequences):
         seqs = torch.arange(start, min(start + sequences, len(cache.lengths)))
-        losses, hits = feature_losses(drafter, model, cache, feature_batch(cache, seqs, depth), config)
+        kls, regs, hits = feature_losses(drafter, model, cache, feature_batch(cache, seqs, depth))
         for k in range(depth):
-            sums[k] += float(losses[k]) * len(hits[k])
+            loss = kls[k].mean() + weight * regs[k].mean() if len(kls[k]) else torch.zeros(())
+            sums[k] += float(loss) * len(hits[k])
             hit_sums[k] += float(hits[k].sum())
             counts[k] += len(hits[k])
     return {

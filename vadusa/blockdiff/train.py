@@ -23,6 +23,12 @@ each block's window, attending to that cache. Each block's first target is the b
 student learns only the targets after it (and a step costs ~0.6x: no backward through the clean copy).
 Progress is steps done / `steps`, or elapsed / `max_minutes` when that is larger (a time box).
 Checkpoints (adapter + optimizer + RNG state, safetensors, swapped in atomically) allow `resume`.
+
+Under torchrun (vadusa.distributed) with N ranks: pool batch j is sampled by rank World.owner(j) into its own
+shard pool-<rank>.safetensors (pool.json lists them); every rank runs the same generator, so a step's
+global batch (N x batch_size sequences) and its masks are those one process with N x batch_size draws;
+rank r trains piece r, its loss divided by the global count of targets, and the gradients are summed.
+Rank 0 alone logs, evaluates and checkpoints (its clock sets the time box); resuming needs the same N.
 """
 
 import json
@@ -30,7 +36,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +44,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .. import distributed
 from .loss import generalized_jsd
 from .masks import prefix_layout, prefix_training_mask, training_mask
 from .student import BlockConfig, check_adapter, make_student, save_adapter
@@ -168,26 +175,52 @@ class Batch:
     inputs: int = 0  # non-padding input tokens of the student
     teacher_prefix: bool = False  # ids are the noised copies alone, attending to the teacher's cache of `clean`
 
+    def to(self, device) -> "Batch":
+        tensors = {
+            f: getattr(self, f).to(device) for f in ("ids", "positions", "mask", "clean", "rows", "teacher_rows")
+        }
+        return replace(self, **tensors)
+
+
+def prefix_width(seqs) -> int:
+    """Noised slots per copy of a teacher-prefix batch of `seqs`: its longest generated part less one."""
+    return max(1, max(len(ids) - p - 1 for ids, p in seqs))
+
+
+def draw_masks(seqs, stage: Stage, generator, teacher_prefix: bool = False) -> list[torch.Tensor]:
+    """Each sequence's masked slots, drawn in order from `generator` as `make_batch` draws them for `seqs`.
+
+    Drawn for a global batch, they let each rank build its share (`make_batch(share, masks=...)`) with exactly
+    the masks one process draws; teacher-prefix masks span the global batch's `prefix_width`."""
+    if not teacher_prefix:
+        return [sample_masks(len(ids) - p, stage, generator) for ids, p in seqs]
+    width = prefix_width(seqs)
+    return [
+        sample_block_masks(prefix_layout(p, len(ids), stage.block_size, width)[2], stage, generator) for ids, p in seqs
+    ]
+
 
 def make_batch(
     seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32, causal_clean=False,
-    teacher_prefix=False,
+    teacher_prefix=False, masks: list[torch.Tensor] | None = None,
 ) -> Batch:  # fmt: skip
-    """seqs: list of (ids (T,), prompt_len). Right-padded with the mask token (padding is never visible)."""
+    """seqs: list of (ids (T,), prompt_len). Right-padded with the mask token (padding is never visible).
+    `masks`: each sequence's masks from `draw_masks` (default: drawn here from `generator`)."""
+    masks = draw_masks(seqs, stage, generator, teacher_prefix) if masks is None else masks
     if teacher_prefix:
-        return make_prefix_batch(seqs, stage, complementary, mask_token_id, generator, dtype)
+        return make_prefix_batch(seqs, stage, complementary, mask_token_id, masks, dtype)
     copies = 2 if complementary else 1
     clean_size = max(len(ids) for ids, _ in seqs)
     noised_size = max(len(ids) - p for ids, p in seqs)
     width = clean_size + copies * noised_size
     ids = torch.full((len(seqs), width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(len(seqs), width, dtype=torch.long)
-    masks, rows, teacher_rows, inputs = [], [], [], 0
+    attention, rows, teacher_rows, inputs = [], [], [], 0
     for i, (seq, p) in enumerate(seqs):
         length, gen_len, start = len(seq), len(seq) - p, p - 1
         ids[i, :length] = seq
         positions[i, :clean_size] = torch.arange(clean_size)
-        masked = sample_masks(gen_len, stage, generator)
+        masked = masks[i]
         for c, m in enumerate([masked, ~masked & (torch.arange(gen_len) % stage.block_size > 0)][:copies]):
             at = clean_size + c * noised_size
             ids[i, at : at + gen_len] = torch.where(m, mask_token_id, seq[start : start + gen_len])
@@ -195,12 +228,13 @@ def make_batch(
             slots = unknown_targets(m, stage.block_size).nonzero()[:, 0]  # (k,)
             rows.append(i * width + at + slots)
             teacher_rows.append(i * clean_size + start + slots)
-        masks.append(training_mask(p, length, stage.block_size, clean_size, noised_size, copies, dtype, causal_clean))
+        window = training_mask(p, length, stage.block_size, clean_size, noised_size, copies, dtype, causal_clean)
+        attention.append(window)
         inputs += length + copies * gen_len
     return Batch(
         ids=ids,
         positions=positions,
-        mask=torch.stack(masks),
+        mask=torch.stack(attention),
         clean=ids[:, :clean_size],
         rows=torch.cat(rows),
         teacher_rows=torch.cat(teacher_rows),
@@ -209,23 +243,24 @@ def make_batch(
     )
 
 
-def make_prefix_batch(seqs, stage: Stage, complementary: bool, mask_token_id: int, generator, dtype=torch.float32):
-    """The teacher-prefix batch (masks.py): ids are the noised copies of each block's window, right-padded."""
+def make_prefix_batch(seqs, stage: Stage, complementary: bool, mask_token_id: int, masks, dtype=torch.float32):
+    """The teacher-prefix batch (masks.py): ids are the noised copies of each block's window, right-padded to
+    the masks' width."""
     copies, b = (2 if complementary else 1), stage.block_size
     clean_size = max(len(ids) for ids, _ in seqs)
-    noised_size = max(1, max(len(ids) - p - 1 for ids, p in seqs))
+    noised_size = len(masks[0])
     width = copies * noised_size
     clean = torch.full((len(seqs), clean_size), mask_token_id, dtype=torch.long)
     ids = torch.full((len(seqs), width), mask_token_id, dtype=torch.long)
     positions = torch.zeros(len(seqs), width, dtype=torch.long)
-    masks, rows, teacher_rows, inputs = [], [], [], 0
+    attention, rows, teacher_rows, inputs = [], [], [], 0
     for i, (seq, p) in enumerate(seqs):
         length = len(seq)
         clean[i, :length] = seq
         position, _, valid = prefix_layout(p, length, b, noised_size)  # (G,) each
         tokens = torch.full((noised_size,), mask_token_id, dtype=torch.long)
         tokens[valid] = seq[position[valid]]
-        masked = sample_block_masks(valid, stage, generator)
+        masked = masks[i]
         valid_next = torch.cat([valid[1:], valid.new_zeros(1)])
         for c, m in enumerate([masked, valid & ~masked][:copies]):
             at = c * noised_size
@@ -235,12 +270,12 @@ def make_prefix_batch(seqs, stage: Stage, complementary: bool, mask_token_id: in
             slots = (valid & (~valid_next | m_next)).nonzero()[:, 0]  # (k,) slots whose target is unknown
             rows.append(i * width + at + slots)
             teacher_rows.append(i * clean_size + position[slots])  # the teacher's row for target position + 1
-        masks.append(prefix_training_mask(p, length, b, clean_size, noised_size, copies, dtype))
+        attention.append(prefix_training_mask(p, length, b, clean_size, noised_size, copies, dtype))
         inputs += copies * int(valid.sum())
     return Batch(
         ids=ids,
         positions=positions,
-        mask=torch.stack(masks),
+        mask=torch.stack(attention),
         clean=clean,
         rows=torch.cat(rows),
         teacher_rows=torch.cat(teacher_rows),
@@ -263,6 +298,12 @@ def teacher_forward(student, clean: torch.Tensor, top_k: int, cache: bool = Fals
 
 def batch_loss(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tensor:
     """Mean generalised JSD over the unknown targets of the batch."""
+    return batch_losses(student, batch, beta, top_k).mean()
+
+
+def batch_losses(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tensor:
+    """(M,) generalised JSD at each unknown target of the batch."""
+    batch = batch.to(next(student.parameters()).device)
     teacher, cache = teacher_forward(student, batch.clean, top_k, cache=batch.teacher_prefix)
     logits = student(
         input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, past_key_values=cache
@@ -270,7 +311,7 @@ def batch_loss(student, batch: Batch, beta: float, top_k: int = 0) -> torch.Tens
     vocab = logits.shape[-1]
     s = logits.reshape(-1, vocab)[batch.rows]  # (M, V)
     t = teacher.reshape(-1, vocab)[batch.teacher_rows]  # (M, V)
-    return generalized_jsd(s, t, beta).mean()
+    return generalized_jsd(s, t, beta)
 
 
 @torch.no_grad()
@@ -292,8 +333,15 @@ def evaluate(student, held_out, cfg: TrainConfig, mask_token_id: int, dtype) -> 
 
 # ----- the teacher's pool -----
 @torch.no_grad()
-def sample_pool(model, prompts, cfg: TrainConfig, mask_token_id: int, eos_token_id, logits_processor, generator):
-    """One teacher continuation per prompt (cycling through `prompts`), as (ids (T,), prompt_len) pairs."""
+def sample_pool(
+    model, prompts, cfg: TrainConfig, mask_token_id: int, eos_token_id, logits_processor, generator, world=None,
+    draw_only=False,
+):  # fmt: skip
+    """One teacher continuation per prompt (cycling through `prompts`), as (ids (T,), prompt_len) pairs.
+
+    `world`: sample only the batches this rank owns (batch j: rank `world.owner(j)`), as (pool index, ids, prompt_len);
+    every rank draws the seeds of all batches, so the pool and the generator are the same for any N.
+    `draw_only`: advance `generator` as sampling would, sample nothing (a resumed rank's shard exists)."""
     from transformers import GenerationConfig
 
     eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, int) else list(eos_token_id)
@@ -309,8 +357,12 @@ def sample_pool(model, prompts, cfg: TrainConfig, mask_token_id: int, eos_token_
     )
     order = torch.randperm(len(prompts), generator=generator).tolist()
     chosen = [prompts[order[i % len(prompts)]] for i in range(cfg.pool_size)]
-    pool = []
-    for at in tqdm(range(0, len(chosen), cfg.pool_batch), desc="teacher samples", disable=not cfg.progress):
+    pool, mine = [], world or distributed.World()
+    batches = range(0, len(chosen), cfg.pool_batch)
+    for j, at in enumerate(tqdm(batches, desc="teacher samples", disable=not (cfg.progress and mine.is_main))):
+        seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+        if draw_only or not mine.owns(j):
+            continue
         group = chosen[at : at + cfg.pool_batch]
         width = max(len(p) for p in group)
         ids = torch.full((len(group), width), mask_token_id, dtype=torch.long)
@@ -318,22 +370,37 @@ def sample_pool(model, prompts, cfg: TrainConfig, mask_token_id: int, eos_token_
         for i, p in enumerate(group):  # left padding for batched generation
             ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
-        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))  # generate() uses the global RNG
+        torch.manual_seed(seed)  # generate() uses the global RNG
         out = model.generate(
-            ids, attention_mask=attention, generation_config=gconf, logits_processor=logits_processor
+            ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            generation_config=gconf,
+            logits_processor=logits_processor,
         )  # (n, width + new)
         for i, p in enumerate(group):
             new = out[i, width:].tolist()
             cut = next((k + 1 for k, t in enumerate(new) if t in eos_ids), len(new))
-            pool.append((torch.tensor(p + new[:cut]), len(p)))
+            sequence = (torch.tensor(p + new[:cut]), len(p))
+            pool.append(sequence if world is None else (at + i, *sequence))
     return pool
 
 
+POOL_INDEX = "pool.json"
+
+
+def pool_shard(rank: int) -> str:
+    return f"pool-{rank:05d}.safetensors"
+
+
 def save_pool(pool, path: Path) -> None:
+    """(ids, prompt_len) pairs, or (pool index, ids, prompt_len) triples of one rank's shard."""
+    index = [e[0] for e in pool] if pool and len(pool[0]) == 3 else list(range(len(pool)))
+    pool = [e[-2:] for e in pool]
     tensors = {
-        "ids": torch.cat([ids for ids, _ in pool]),
-        "lengths": torch.tensor([len(ids) for ids, _ in pool]),
-        "prompt_lengths": torch.tensor([p for _, p in pool]),
+        "ids": torch.cat([ids for ids, _ in pool]) if pool else torch.zeros(0, dtype=torch.long),
+        "lengths": torch.tensor([len(ids) for ids, _ in pool], dtype=torch.long),
+        "prompt_lengths": torch.tensor([p for _, p in pool], dtype=torch.long),
+        "index": torch.tensor(index, dtype=torch.long),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
@@ -341,9 +408,56 @@ def save_pool(pool, path: Path) -> None:
 
 
 def load_pool(path: Path):
-    t = load_file(str(path))
-    seqs = torch.split(t["ids"], t["lengths"].tolist())
-    return list(zip(seqs, t["prompt_lengths"].tolist(), strict=True))
+    """The pool as (ids, prompt_len) pairs in pool order: from an out_dir (every shard its pool.json lists; a
+    missing one raises, naming its rank) or from one pool file."""
+    path = Path(path)
+    if path.is_dir():
+        index = json.loads((path / POOL_INDEX).read_text())
+        files = distributed.check_shards(path, index["shards"], "pool")
+    else:
+        files = [path]
+    entries = []
+    for file in files:
+        t = load_file(str(file))
+        if not len(t["lengths"]):  # a rank that owned no batch
+            continue
+        seqs = torch.split(t["ids"], t["lengths"].tolist())
+        index = t["index"].tolist() if "index" in t else range(len(seqs))
+        entries += zip(index, seqs, t["prompt_lengths"].tolist(), strict=True)
+    return [(ids, p) for _, ids, p in sorted(entries, key=lambda e: e[0])]
+
+
+def pooled(model, prompts, cfg: TrainConfig, mask_token_id, eos_token_id, logits_processor, generator, resume):
+    """Sample (or, resuming, reuse) the teacher's pool under <out_dir>: each rank writes its own shard, rank 0
+    the index; every rank returns the whole pool."""
+    out, world = Path(cfg.out_dir), distributed.world()
+    mine = out / pool_shard(world.rank)
+    batches = -(-cfg.pool_size // cfg.pool_batch)
+    index = {
+        "pool_size": cfg.pool_size,
+        "world_size": world.size,
+        "shards": [
+            {"name": pool_shard(r), "rank": r, "batches": sum(world.owner(j) == r for j in range(batches))}
+            for r in range(world.size)
+        ],
+    }
+    if world.is_main:
+        old = json.loads((out / POOL_INDEX).read_text()) if (out / POOL_INDEX).is_file() else index
+        if resume and old["world_size"] != world.size:
+            raise ValueError(
+                f"cannot resume in {out}: its pool was sampled by a run of world size {old['world_size']}, this run"
+                f" has world size {world.size}; resume with the same number of processes"
+            )
+        tmp = out / (POOL_INDEX + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
+        os.replace(tmp, out / POOL_INDEX)
+    if resume and mine.is_file():
+        sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator, world, True)
+    else:
+        share = sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator, world)
+        save_pool(share, mine)
+    distributed.barrier()
+    return load_pool(out)
 
 
 # ----- checkpoints -----
@@ -418,8 +532,17 @@ def train(
     resume: bool = False,
 ) -> Path:
     """Distill `model` (wrapped in place with a LoRA) and save the adapter to <out_dir>/adapter; returns that path."""
-    out = Path(cfg.out_dir)
+    out, world = Path(cfg.out_dir), distributed.world()
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    if resume and (checkpoint / "state.json").is_file():
+        saved = json.loads((checkpoint / "state.json").read_text()).get("world_size", 1)
+        if saved != world.size:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: it was written by a run of world size {saved}, this run has world"
+                f" size {world.size}; resume with the same number of processes (torchrun --nproc_per_node {saved}"
+                " ..., or plain python for 1): the batch order and masks are defined per world size"
+            )
     block_config = BlockConfig.for_model(  # of the bare base
         model, mask_token_id, cfg.block_size, cfg.causal_clean, cfg.teacher_prefix
     )
@@ -427,12 +550,7 @@ def train(
     model.eval().requires_grad_(False)
     initial, initial_record = initial_adapter(model, cfg, block_config) if cfg.init_adapter else (None, None)
 
-    pool_path = out / "pool.safetensors"
-    if resume and pool_path.is_file():
-        pool = load_pool(pool_path)
-    else:
-        pool = sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator)
-        save_pool(pool, pool_path)
+    pool = pooled(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator, resume)
     pool = [(ids, p) for ids, p in pool if len(ids) > p]  # at least one generated token
     held_out, pool = pool[: cfg.eval_sequences], pool[cfg.eval_sequences :]
     if not pool:
@@ -444,14 +562,18 @@ def train(
     if initial is not None:
         load_adapter_weights(student, initial, cfg.init_adapter)
     params = [p for p in student.parameters() if p.requires_grad]
+    # the LoRA is drawn from the global RNG as the pool's last sampling batch left it (as in one process): the
+    # rank that sampled that batch sends its LoRA to every rank
+    distributed.broadcast_params(params, src=world.owner(-(-cfg.pool_size // cfg.pool_batch) - 1))
     dtype = params[0].dtype
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "minutes": 0.0, "targets_seen": 0, "inputs_seen": 0, "config": asdict(cfg)}
-    checkpoint = out / "checkpoint"
+    state["world_size"] = world.size
     if resume and checkpoint.is_dir():
         state = load_checkpoint(checkpoint, student, optimizer, generator)
-    elif not resume:
+    elif not resume and world.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)
+    held_out = held_out if world.is_main else []  # rank 0 evaluates and logs
 
     def progress_now(minutes: float) -> float:
         by_time = minutes / cfg.max_minutes if cfg.max_minutes else 0.0
@@ -462,19 +584,24 @@ def train(
             f.write(json.dumps({"step": 0, "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}) + "\n")
     start, minutes_before = time.perf_counter(), state["minutes"]
     last_save, losses, order = time.perf_counter(), [], []
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not (cfg.progress and world.is_main))
     student.train()
+    global_batch = cfg.batch_size * world.size
     while True:
-        minutes = minutes_before + (time.perf_counter() - start) / 60
+        elapsed = torch.tensor(minutes_before + (time.perf_counter() - start) / 60, dtype=torch.float64)
+        minutes = float(distributed.broadcast(elapsed))  # rank 0's clock: every rank agrees on the time box
         progress = progress_now(minutes)
         if progress >= 1.0:
             break
         stage = stage_at(progress, cfg)
-        if len(order) < cfg.batch_size:
+        if len(order) < global_batch:
             order += torch.randperm(len(pool), generator=generator).tolist()
-        picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        picked, order = order[:global_batch], order[global_batch:]
+        seqs = [pool[i] for i in picked]
+        masks = draw_masks(seqs, stage, generator, cfg.teacher_prefix)  # the global batch's, in order
+        share = world.share(torch.arange(len(seqs))).tolist()  # this rank's sequences of the global batch
         batch = make_batch(
-            [pool[i] for i in picked],
+            [seqs[i] for i in share],
             stage,
             cfg.complementary,
             mask_token_id,
@@ -482,26 +609,30 @@ def train(
             dtype,
             cfg.causal_clean,
             cfg.teacher_prefix,
+            masks=[masks[i] for i in share],
         )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(state["step"], progress, cfg)
-        loss = batch_loss(student, batch, cfg.beta, cfg.teacher_top_k)
+        (loss,) = distributed.global_means([batch_losses(student, batch, cfg.beta, cfg.teacher_top_k)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.all_reduce_grads(params)  # the ranks' shares sum to the global batch's gradient
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
 
+        totals = torch.tensor([loss.item(), batch.targets, batch.inputs], dtype=torch.float64)
+        loss_value, targets, inputs = distributed.all_reduce_sum(totals).tolist()
         state["step"] += 1
-        state["targets_seen"] += batch.targets
-        state["inputs_seen"] += batch.inputs
+        state["targets_seen"] += int(targets)
+        state["inputs_seen"] += int(inputs)
         state["minutes"] = minutes_before + (time.perf_counter() - start) / 60
-        losses.append(loss.item())
+        losses.append(loss_value)
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", block=stage.block_size)
         evaluation = {}
         if held_out and cfg.eval_every and state["step"] % cfg.eval_every == 0:
             evaluation = {"eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}
-        if state["step"] % cfg.log_every == 0 or evaluation:
+        if (state["step"] % cfg.log_every == 0 or evaluation) and world.is_main:
             line = {
                 "step": state["step"],
                 "minutes": round(state["minutes"], 3),
@@ -516,10 +647,13 @@ def train(
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
             losses = [] if state["step"] % cfg.log_every == 0 else losses
-        if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
+        if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes and world.is_main:
             save_checkpoint(checkpoint, student, optimizer, state, generator)
             last_save = time.perf_counter()
     bar.close()
+    if not world.is_main:
+        distributed.barrier()  # rank 0 saves the adapter
+        return out / "adapter"
     save_checkpoint(checkpoint, student, optimizer, state, generator)
     if held_out:
         with open(out / "log.jsonl", "a") as f:
@@ -529,7 +663,9 @@ def train(
             )
     student.eval()
     block_config.training = training_record(state, cfg, initial_record)
-    return save_adapter(student, block_config, out / "adapter")
+    adapter = save_adapter(student, block_config, out / "adapter")
+    distributed.barrier()
+    return adapter
 
 
 def training_record(state: dict, cfg: TrainConfig, initial_record: dict | None = None) -> dict:

@@ -6,6 +6,8 @@
     # any transformers causal LM: prompts as a JSON list of token-id lists
     python train_block.py --model my-lm --prompts prompts.json --mask-token-id 0 --eos-token-id 2 --out-dir runs/b
     # continue after an interruption: the same command plus --resume
+    # several processes (gloo on CPU, NCCL on GPUs): --batch-size is per rank (global = x ranks)
+    torchrun --standalone --nproc_per_node 2 train_block.py --demo --out-dir runs/block/demo --batch-size 8
 """
 
 import argparse
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vadusa import distributed
 from vadusa.blockdiff.train import TrainConfig, read_log, train
 
 
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     add_config_flags(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    world = distributed.init()  # torchrun's process group; world size 1 (nothing initialised) under plain python
 
     if args.demo:
         model, prompts, mask_id, eos_id, processor = demo_task(args.corpus, args.lm_dir, args.pool_size)
@@ -100,7 +104,10 @@ def main(argv=None) -> int:
         )
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    adapter = train(model, prompts, config, mask_id, eos_id, processor, resume=args.resume)
+    adapter = train(model.to(distributed.device()), prompts, config, mask_id, eos_id, processor, resume=args.resume)
+    distributed.teardown()
+    if not world.is_main:
+        return 0
     log = read_log(config.out_dir)
     if log:
         print(json.dumps(log[-1]))

@@ -12,6 +12,12 @@
 --demo loads the embedded TTS (prompts are texts, spoken with the corpus voice/rate of each text);
 --model loads any transformers causal LM directory (prompts are tokenised lines).
 Every TrainConfig field is an option (--num-heads, --loss, --lr, ...).
+
+Several processes (torchrun; gloo on CPU, NCCL on GPUs): sampling and training are shared by the ranks,
+--batch-tokens / --batch-sequences are per rank (global batch = per rank x ranks); --accuracy, --build-trees
+and --measure run on rank 0 alone.
+    torchrun --standalone --nproc_per_node 2 train_heads.py --demo --prompts train.txt --cache runs/cache \
+        --train --out runs/heads --batch-tokens 512
 """
 
 import argparse
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vadusa import accuracy as acc_lib
+from vadusa import distributed
 from vadusa import train as train_lib
 from vadusa.draft import vadusa_factory
 from vadusa.drafter import load_drafter
@@ -47,7 +54,7 @@ def load_base(args):
         raise SystemExit("pass --demo [DIR] or --model DIR")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(distributed.device())
     tok = AutoTokenizer.from_pretrained(args.model)
     return model, lambda t: tok(t).input_ids, None, tok.eos_token_id, lambda t: args.max_new_tokens
 
@@ -87,6 +94,7 @@ def main(argv=None):
     config_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    world = distributed.init()  # torchrun's process group; world size 1 (nothing initialised) under plain python
     config = train_lib.config_from_dict(
         {f.name: getattr(args, f.name) for f in dataclasses.fields(train_lib.TrainConfig)}
     )
@@ -104,7 +112,12 @@ def main(argv=None):
         train_lib.build_cache(model, prompts, config, args.cache, processor, eos, caps=caps)
     if args.train or args.resume:
         heads = train_lib.train(model, config, args.cache, args.out, resume=args.resume)
-        print(json.dumps(train_lib.evaluate(heads, train_lib.load_cache(args.cache), config.loss, model=model)))
+        if world.is_main:
+            cache = train_lib.load_cache(args.cache).to(distributed.device())
+            print(json.dumps(train_lib.evaluate(heads, cache, config.loss, model=model)))
+    distributed.teardown()
+    if not world.is_main:  # measuring and building trees are single-process: rank 0's
+        return 0
 
     if args.accuracy:
         if heldout is None:
