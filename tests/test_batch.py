@@ -172,3 +172,31 @@ def test_bad_batches_raise(setup):
             run(torch.ones(2, 3, dtype=torch.long), streamer=Recorder())
     with pytest.raises(ValueError, match="batch size must be >= 1, got no prompts"):
         left_pad([])
+
+
+@pytest.mark.parametrize("size, threshold", [(4, 0.2), (6, 0.05)])
+def test_batched_block_rows_equal_single_decodes(size, threshold):
+    """Sliding-window block decoding (the 'block' decoder's preset) of a batch of 4 (different prompt lengths,
+    different EOS times) == each row alone, token for token, with the same forwards; rows leave when done."""
+    from tests.test_block import MASK, sharp_llama
+    from vadusa.blockdiff import generate as block_generate
+
+    model = sharp_llama(seed=3)
+    model.config.mask_token_id = MASK
+    prompts = [p for p in PROMPTS]  # no prompt holds the mask token 0
+    kw = {"max_new_tokens": BUDGET, "temperature": 0, "unmask": "prefix", "sliding": True}
+    greedy = [block_generate(model, torch.tensor([p]), size, threshold, **kw).tokens.tolist() for p in prompts]
+    eos = next(
+        t for t in dict.fromkeys(t for g in greedy for t in g[5:])
+        if len({(g + [t]).index(t) for g in greedy}) >= 3
+    )  # fmt: skip
+    singles = [block_generate(model, torch.tensor([p]), size, threshold, eos_token_id=eos, **kw) for p in prompts]
+    ids, mask = left_pad(prompts)
+    out = block_generate(model, ids, size, threshold, attention_mask=mask, eos_token_id=eos, **kw)
+    for i, single in enumerate(singles):
+        assert out.row_tokens(i).tolist() == single.tokens.tolist(), i
+        assert out.row_forward_passes[i] == single.forward_passes
+    assert out.forward_passes == max(s.forward_passes for s in singles)
+    assert max(a for row in out.row_accepted_lengths for a in row) >= 2  # several targets per forward
+    with pytest.raises(ValueError, match="batched block decoding runs sliding windows"):
+        block_generate(model, ids, size, threshold, attention_mask=mask, sliding=False)
