@@ -3,6 +3,7 @@
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -200,3 +201,86 @@ def test_batched_block_rows_equal_single_decodes(size, threshold):
     assert max(a for row in out.row_accepted_lengths for a in row) >= 2  # several targets per forward
     with pytest.raises(ValueError, match="batched block decoding runs sliding windows"):
         block_generate(model, ids, size, threshold, attention_mask=mask, sliding=False)
+
+
+def test_per_row_budgets_and_bad_budgets(setup):
+    """max_new_tokens per row: each row stops at its own budget, as it does alone with that budget."""
+    model, heads, _, _ = setup
+    ids, mask = left_pad(PROMPTS)
+    budgets = [5, 30, 1, 12]
+    for run in (
+        lambda x, **kw: vadusa.generate_ar(model, x, **kw),
+        lambda x, **kw: vadusa.generate(model, heads, x, **kw),
+    ):
+        out = run(ids, attention_mask=mask, max_new_tokens=budgets, temperature=0)
+        singles = [
+            run(torch.tensor([p]), max_new_tokens=b, temperature=0).tokens.tolist()
+            for p, b in zip(PROMPTS, budgets, strict=True)
+        ]
+        assert [out.row_tokens(i).tolist() for i in range(4)] == singles and out.row_new_tokens == budgets
+        with pytest.raises(ValueError, match="max_new_tokens has 3 budgets for a batch of 4 rows"):
+            run(ids, attention_mask=mask, max_new_tokens=[1, 2, 3])
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+            run(ids, attention_mask=mask, max_new_tokens=[1, 2, 0, 3])
+
+
+def test_bench_batch_size_reports_throughput_and_latency(tmp_path):
+    from vadusa.bench import BenchTask, parse_configs, run_benchmark, validate_report, write_report
+
+    model = tiny_llama()
+    prompts = [torch.tensor([p]) for p in PROMPTS] + [torch.tensor([[5, 9, 11]])]
+    task = BenchTask(
+        model=model, texts=[f"t{i}" for i in range(5)], prompts=prompts, max_new_tokens=[20, 9, 30, 14, 25]
+    )
+    report = run_benchmark(
+        task, parse_configs("ar:temperature=0"), repeats=1, progress=False, command="t", batch_size=2
+    )
+    validate_report(report)
+    assert report["batch_size"] == 2 and [r["decoder"] for r in report["rows"]] == ["ar", "ar"]  # no hf-generate
+    greedy = next(r for r in report["rows"] if r["config"])
+    singles = [
+        vadusa.generate_ar(model, p, max_new_tokens=b, temperature=0)
+        for p, b in zip(prompts, task.max_new_tokens, strict=True)
+    ]
+    assert greedy["new_tokens"] == [sum(s.new_tokens for s in singles)]
+    assert greedy["speedup_vs_hf"] is None and 0 < greedy["latency_mean_s"] <= greedy["latency_p90_s"]
+    assert greedy["tokens_per_second"] == pytest.approx(greedy["new_tokens"][0] / greedy["seconds"][0])
+    assert "batch size 2" in (write_report(report, tmp_path) / "report.md").read_text()
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        run_benchmark(task, parse_configs("ar"), repeats=1, progress=False, batch_size=0)
+
+
+def demo_ready() -> bool:
+    import shutil
+
+    from vadusa.speech.pipeline import DEMO_DIR, REQUIRED
+
+    return shutil.which("espeak-ng") is not None and all((DEMO_DIR / f).is_file() for f in REQUIRED)
+
+
+@pytest.mark.skipif(not demo_ready(), reason="needs espeak-ng and the shipped demo weights")
+def test_shipped_synthesize_batch_equals_synthesize_and_cli(tmp_path):
+    """The shipped pipeline: greedy synthesize_batch (batches of 2 and a lone text) == synthesize per text for
+    the shipped feature drafter + tree and the block preset; decode.py --texts --batch-size writes every wav."""
+    import json
+
+    from vadusa.cli import decode
+    from vadusa.speech import TTSPipeline
+
+    pipe = TTSPipeline.from_pretrained()
+    texts = ["Hello there.", "The weather is nice today, is it not?", "Yes."]
+    for decoder in ("vadusa", "block"):
+        batch = pipe.synthesize_batch(texts, decoder=decoder, temperature=0, batch_size=2)
+        for text, (wav, _, out) in zip(texts, batch, strict=True):
+            ref_wav, _, ref = pipe.synthesize(text, decoder=decoder, temperature=0)
+            assert out.tokens.tolist() == ref.tokens.tolist() and np.allclose(wav, ref_wav), (decoder, text)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        pipe.synthesize_batch(texts, batch_size=0)
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    argv = ["--texts", str(tmp_path / "t.txt"), "--out-dir", str(tmp_path / "w"), "--json", str(tmp_path / "s.json")]
+    assert decode.main(argv + ["--batch-size", "2", "--temperature", "0", "--decoder", "block"]) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert [r["new_tokens"] for r in stats["texts"]] == [r[2].new_tokens for r in batch]
+    assert all((tmp_path / "w" / f"{i:04d}.wav").is_file() for i in range(3))
+    with pytest.raises(SystemExit):
+        decode.parse_args(argv + ["--batch-size", "0"])

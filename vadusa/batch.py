@@ -128,14 +128,24 @@ def tree_mask(ancestors: torch.Tensor, past: torch.Tensor, pad: torch.Tensor, dt
     return additive(prefix[:, None, :] | tree, dtype)[:, None]
 
 
+def check_budgets(max_new_tokens, batch: int) -> list[int]:
+    """max_new_tokens: one int for every row, or one per row -> the per-row list (each >= 1)."""
+    budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != batch:
+        raise ValueError(f"max_new_tokens has {len(budgets)} budgets for a batch of {batch} rows")
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {b!r}")
+    return budgets
+
+
 # ----- the batch's shared state -----
 class Rows:
     """Token buffer, per-row lengths and padding, the KV cache, stopping and timing of a batch; finished rows
     leave it (`drop_finished`), their results are kept per original row."""
 
-    def __init__(self, model, ids, mask, max_new_tokens: int, extra_positions: int, eos_token_id, streamer=None):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def __init__(self, model, ids, mask, max_new_tokens, extra_positions: int, eos_token_id, streamer=None):
+        self.budgets = check_budgets(max_new_tokens, ids.shape[0])  # per original row
         if streamer is not None:
             raise ValueError(f"a streamer takes one row: got a batch of {ids.shape[0]}; stream with batch size 1")
         self.start = time.perf_counter()
@@ -143,10 +153,10 @@ class Rows:
         self.prompt = ids.to(device)  # (B, T) as given, padding included
         batch, self.width = ids.shape
         mask = torch.ones_like(ids) if mask is None else mask
-        self.pad = (self.width - mask.sum(1)).to(device)  # (B,) padding columns of each row
+        self.pad = (self.width - mask.sum(1)).to(device)  # (B,) padding columns of each active row
+        self.prompt_pad = self.pad.clone()  # (B,) of every original row
         self.padded = bool(self.pad.any())
-        self.max_new_tokens = max_new_tokens
-        capacity = self.width + max_new_tokens + extra_positions
+        capacity = self.width + max(self.budgets) + extra_positions
         self.seq = torch.zeros(batch, capacity, dtype=torch.long, device=device)  # (B, capacity)
         self.seq[:, : self.width] = self.prompt
         self.lengths = torch.full((batch,), self.width, dtype=torch.long, device=device)  # (B,) filled part
@@ -171,7 +181,8 @@ class Rows:
         """Active row i emits tokens[i] (cut at its budget and first EOS); `step`: count it as a step's tokens."""
         lengths = self.lengths.tolist()
         for i, row_tokens in enumerate(tokens):
-            kept, self.done[i] = take(row_tokens, self.max_new_tokens - (lengths[i] - self.width), self.eos)
+            budget = self.budgets[self.rows[i]] - (lengths[i] - self.width)
+            kept, self.done[i] = take(row_tokens, budget, self.eos)
             self.seq[i, lengths[i] : lengths[i] + len(kept)] = torch.tensor(kept, dtype=torch.long)
             lengths[i] += len(kept)
             if step:
@@ -221,6 +232,7 @@ class Rows:
             row_seconds=[r["seconds"] for r in rows],
             row_forward_passes=[r["forward_passes"] for r in rows],
             row_accepted_lengths=self.accepted,
+            row_prompt_lengths=(self.width - self.prompt_pad).tolist(),
         )
 
 

@@ -40,7 +40,10 @@ def _hf_generate(model, assets: Path | None = None) -> Run:
         logits_processor=None,
         streamer=None,
         generator=None,
+        attention_mask=None,
     ) -> GenerationOutput:
+        if attention_mask is not None or not isinstance(max_new_tokens, int):
+            raise ValueError("hf-generate decodes one prompt per call here: batches go to 'ar', 'vadusa', 'block'")
         start = time.perf_counter()
         prompt = check_prompt(input_ids).to(model.device)
         if generator is not None:  # generate() samples from the global RNG: seed it from the generator

@@ -44,11 +44,13 @@ class GenerationOutput:
     row_seconds: list[float] | None = None  # per row: wall time from the call's start until the row finished
     row_forward_passes: list[int] | None = None  # per row: forwards it took part in, prefill included
     row_accepted_lengths: list[list[int]] | None = None  # per row: tokens it emitted at each step after the prefill
+    row_prompt_lengths: list[int] | None = None  # per row: its prompt's tokens (padding excluded)
 
     def __post_init__(self):
         if self.row_new_tokens is None:  # batch size 1: the row is the call
             self.row_new_tokens, self.row_seconds = [self.new_tokens], [self.seconds]
             self.row_forward_passes, self.row_accepted_lengths = [self.forward_passes], [self.accepted_lengths]
+            self.row_prompt_lengths = [self.sequences.shape[1] - self.new_tokens]
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -63,6 +65,15 @@ class GenerationOutput:
         """(row_new_tokens[i],) the tokens row i generated."""
         start = self.sequences.shape[1] - max(self.row_new_tokens)
         return self.sequences[i, start : start + self.row_new_tokens[i]]
+
+    def row(self, i: int) -> "GenerationOutput":
+        """Row i as a batch-1 output: its prompt without padding + its tokens, its own figures, no cache."""
+        width = self.sequences.shape[1] - max(self.row_new_tokens)
+        n = self.row_new_tokens[i]
+        return GenerationOutput(
+            self.sequences[i : i + 1, width - self.row_prompt_lengths[i] : width + n], n, self.row_forward_passes[i],
+            self.row_accepted_lengths[i], self.row_seconds[i],
+        )  # fmt: skip
 
     @property
     def mean_accepted(self) -> float:
@@ -225,7 +236,7 @@ def generate_ar(
 
     processor = as_processor(logits_processor)
     ids, mask = check_batch(input_ids, attention_mask)
-    if ids.shape[0] > 1:
+    if ids.shape[0] > 1 or not isinstance(max_new_tokens, int):
         return generate_ar_rows(model, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, processor,
                                 streamer, generator)  # fmt: skip
     input_ids = ids if mask is None else ids[:, mask[0].bool()]
@@ -372,7 +383,7 @@ def generate(
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
     processor = as_processor(logits_processor)
     ids, mask = check_batch(input_ids, attention_mask)
-    if ids.shape[0] > 1:
+    if ids.shape[0] > 1 or not isinstance(max_new_tokens, int):
         return generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, top_k, rule, eos_token_id,
                              processor, streamer, generator)  # fmt: skip
     input_ids = ids if mask is None else ids[:, mask[0].bool()]

@@ -168,7 +168,7 @@ def generate(
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
     ids, pad_mask = check_batch(input_ids, attention_mask)
-    if ids.shape[0] > 1:
+    if ids.shape[0] > 1 or not isinstance(max_new_tokens, int):
         if not (sliding and unmask == "prefix" and not (teacher_prefix or causal_clean)):
             raise ValueError(
                 "batched block decoding runs sliding windows (sliding=True, unmask='prefix', a block-causal student:"
@@ -322,7 +322,7 @@ def slide_rows(r: Rows, body, out_layer, processor, size: int, threshold, temper
     while r.active:
         lengths = r.lengths.tolist()
         starts = start.tolist()
-        budgets = [r.max_new_tokens - (p - r.width) for p in lengths]
+        budgets = [r.budgets[row] - (p - r.width) for row, p in zip(r.rows, lengths, strict=True)]
         n = [min(size - (p - s) + 1, b) for p, s, b in zip(lengths, starts, budgets, strict=True)]  # targets
         widths = [p - s + k - 1 for p, s, k in zip(lengths, starts, n, strict=True)]  # window inputs
         window = max(widths)
