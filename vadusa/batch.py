@@ -23,7 +23,7 @@ import torch
 
 from .accept import sample
 from .cache import BufferCache, num_decoder_layers
-from .drafter import DraftSession, FeatureDrafter, tree_plan
+from .drafter import FeatureDrafter, decoding_weights, tree_plan
 from .generate import (
     GenerationOutput,
     draft_tokens,
@@ -282,6 +282,117 @@ def generate_ar_rows(model, ids, mask, max_new_tokens, temperature, top_k, eos_t
         r.forward_passes += 1
 
 
+# ----- the feature drafter over a batch -----
+class BatchDraftSession:
+    """`vadusa.drafter.DraftSession` for a batch: one drafter cache of (B, heads, capacity, dh), per-row committed
+    lengths; a commit (ragged: each row its own accepted rows, right-padded) and each tree depth's draft rows are
+    ONE drafter call for every row, with per-row positions and additive masks. The same folded weights and the
+    same values as the one-row session, to float rounding (tests: batch rows == batch-1 decodes)."""
+
+    def __init__(self, drafter: FeatureDrafter, model, batch: int, capacity: int):
+        c = drafter.config
+        self.dim, self.heads, self.dh = c.hidden_size, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        self.w = decoding_weights(drafter, model)
+        device, dtype = self.w.out_t.device, self.w.out_t.dtype
+        self.keys = torch.zeros(batch, self.heads, capacity, self.dh, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) committed rows
+        cos, sin = drafter.rope(torch.arange(capacity, device=device))  # (capacity, dh)
+        self.cos, self.sin = cos.to(dtype).repeat(1, 2 * self.heads), sin.to(dtype).repeat(1, 2 * self.heads)
+        self.capacity, self.dtype = capacity, dtype
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.keys, self.values, self.lengths = self.keys[rows], self.values[rows], self.lengths[rows]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor) -> None:
+        """(B, h, n, dh) keys / values of row b at starts[b] .. starts[b] + n - 1."""
+        b, _, n, _ = k.shape
+        rows = torch.arange(b, device=k.device)[:, None]
+        cols = (starts[:, None] + torch.arange(n, device=k.device)).clamp(max=self.capacity - 1)  # (B, n)
+        self.keys[rows, :, cols] = k.transpose(1, 2)
+        self.values[rows, :, cols] = v.transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """(B, n, D) residual and (B, h, n, dh) attention output -> (B, n, D) predicted next features."""
+        b, n, normalize = x.shape[0], x.shape[1], torch.nn.functional.normalize
+        x = x + attended.transpose(1, 2).reshape(b, n, self.dim) @ self.w.w_o
+        gate, up = (normalize(x, dim=-1) @ self.w.w_gate_up).chunk(2, -1)
+        x = x + (torch.nn.functional.silu(gate) * up) @ self.w.w_down
+        return normalize(x, dim=-1) * self.w.out_scale
+
+    def commit(self, tokens: torch.Tensor, feats: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Row b's first counts[b] of (B, m) tokens / (B, m, D) true features join its prefix -> (B, D) the output
+        of each row's last committed row (it drafts depth 1)."""
+        b, m = tokens.shape
+        d, h, dh = self.dim, self.heads, self.dh
+        start, end = self.lengths, self.lengths + counts
+        x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (B, m, D)
+        xn = torch.nn.functional.normalize(x, dim=-1)
+        kv = xn @ self.w.w_kv  # (B, m, 3D): k, v, rot(k)
+        pos = (start[:, None] + torch.arange(m, device=tokens.device)).clamp(max=self.capacity - 1)  # (B, m)
+        k = kv[..., :d] * self.cos[pos][..., d:] + kv[..., 2 * d :] * self.sin[pos][..., d:]  # (B, m, D) rotary k
+        self.write(k.view(b, m, h, dh).transpose(1, 2), kv[..., d : 2 * d].view(b, m, h, dh).transpose(1, 2), start)
+        rows = torch.arange(b, device=tokens.device)
+        last = xn[rows, counts - 1]  # (B, D)
+        qr = last @ self.w.w_q  # (B, 2D): q, rot(q)
+        q = qr[:, :d] * self.cos[end - 1, :d] + qr[:, d:] * self.sin[end - 1, :d]  # (B, D)
+        width = int(end.max())
+        mask = additive(torch.arange(width, device=tokens.device)[None] < end[:, None], self.dtype)  # (B, E)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q.view(b, h, 1, dh), self.keys[:, :, :width], self.values[:, :, :width], attn_mask=mask[:, None, None]
+        )  # (B, h, 1, dh)
+        self.lengths = end
+        return self.finish(x[rows, counts - 1][:, None], attended)[:, 0]
+
+    def rows(self, tokens, feats, position: torch.Tensor, written: int, bias: torch.Tensor) -> torch.Tensor:
+        """One tree depth's inner rows, (B, k) tokens / (B, k, D) features at `position` (B,), written after each
+        row's committed rows and the `written` scratch rows above them; bias (k, written + k) is their mask over
+        the scratch rows. -> (B, k, D)."""
+        b, k = tokens.shape
+        d, h, dh = self.dim, self.heads, self.dh
+        x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (B, k, D)
+        y = torch.nn.functional.normalize(x, dim=-1) @ self.w.w_qkv  # (B, k, 5D): q, k, v, rot(q), rot(k)
+        qk = y[..., : 2 * d] * self.cos[position][:, None] + y[..., 3 * d :] * self.sin[position][:, None]
+        qk = qk.view(b, k, 2, h, dh).permute(2, 0, 3, 1, 4)  # (2, B, h, k, dh)
+        self.write(qk[1], y[..., 2 * d : 3 * d].view(b, k, h, dh).transpose(1, 2), self.lengths + written)
+        seen = written + k
+        cols = torch.arange(int(self.lengths.max()) + seen, device=tokens.device)
+        rel = cols[None] - self.lengths[:, None]  # (B, E) column relative to the row's scratch rows
+        scratch = bias[:, rel.clamp(0, seen - 1)].transpose(0, 1)  # (B, k, E)
+        hidden = torch.full_like(scratch, torch.finfo(self.dtype).min)
+        mask = torch.where((rel < 0)[:, None], 0.0, torch.where((rel < seen)[:, None], scratch, hidden))
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            qk[0], self.keys[:, :, : cols.shape[0]], self.values[:, :, : cols.shape[0]], attn_mask=mask[:, None]
+        )  # (B, h, k, dh)
+        return self.finish(x, attended)
+
+    def draft(self, plan, roots: torch.Tensor, root_feats: torch.Tensor, r: "Rows", processor) -> torch.Tensor:
+        """(B, N+1) tree tokens of every row: each node is its parent's rank-r candidate, depth by depth."""
+        b = roots.shape[0]
+        tokens = torch.empty(b, plan.size, dtype=torch.long, device=roots.device)
+        tokens[:, 0] = roots
+        feats = root_feats[:, None]  # (B, 1, D): outputs of the inner rows of the depth above
+        written = 0
+        for d, nodes in enumerate(plan.nodes, start=1):
+            logits = feats @ self.w.out_t  # (B, m, V)
+            if processor is not None:
+                if reads_history(processor):
+                    logits = torch.stack(
+                        [processor(r.history(i).expand(logits.shape[1], -1), logits[i].float()) for i in range(b)]
+                    )
+                else:
+                    logits = processor(r.seq[:1, :1], logits.flatten(0, 1).float()).view(logits.shape)
+            top = torch.topk(logits, plan.max_rank + 1, dim=-1).indices  # (B, m, K)
+            tokens[:, nodes] = top[:, plan.parent_row[d - 1], plan.ranks[d - 1]]
+            inner = plan.inner[d - 1]
+            if len(inner) == 0:
+                break
+            parent_feats = feats[:, plan.inner_parent_row[d - 1]]  # (B, m_d, D)
+            feats = self.rows(tokens[:, inner], parent_feats, self.lengths - 1 + d, written, plan.bias[d - 1])
+            written += len(inner)
+        return tokens
+
+
 # ----- draft -> verify -> accept -----
 def draft_rows(heads, hidden, roots, tree, r: Rows, processor) -> torch.Tensor:
     """(B, n) tree tokens of every active row from the draft heads (one heads call for the batch)."""
@@ -332,24 +443,26 @@ def generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, to
     r.emit([[t] for t in rule.batch(probs, no_children, rule.uniforms(r.active, 0, generator, device))[1].tolist()],
            step=False)  # fmt: skip
     feature = isinstance(heads, FeatureDrafter)
-    if feature:  # one drafter cache per row: rows (x_{j+1}, f_j) of its prompt, the root's last
+    if feature:  # the drafter's cache: rows (x_{j+1}, f_j) of each row's prompt, the root's last
         plan = tree_plan(tree, dtype)
-        sessions = [DraftSession(heads, model, r.capacity) for _ in range(r.active)]
-        root_feats = [
-            s.commit(r.seq[i, int(r.pad[i]) + 1 : int(r.lengths[i])], prompt_states[i, int(r.pad[i]) :])
-            for i, s in enumerate(sessions)
-        ]  # (D,) each
+        session = BatchDraftSession(heads, model, r.active, r.capacity)
+        index = (r.pad[:, None] + torch.arange(r.width, device=device)).clamp(max=r.width - 1)  # (B, T) left-aligned
+        root_feats = session.commit(
+            r.seq.gather(1, index + 1),
+            prompt_states.gather(1, index[..., None].expand(-1, -1, prompt_states.shape[-1])),
+            r.width - r.pad,
+        )  # (B, D)
     keep = r.drop_finished()
     if keep is not None and r.active:
         hidden = hidden[keep]
         if feature:
-            sessions, root_feats = [sessions[i] for i in keep.tolist()], [root_feats[i] for i in keep.tolist()]
+            session.select_rows(keep)
+            root_feats = root_feats[keep]
     while r.active:
         past = r.lengths - 1  # (B,) each row's cache holds everything before its root
         roots = r.seq.gather(1, past[:, None])[:, 0]  # (B,)
         if feature:
-            tokens = torch.stack([s.draft(plan, roots[i], root_feats[i], r.history(i), processor)
-                                  for i, s in enumerate(sessions)])  # fmt: skip
+            tokens = session.draft(plan, roots, root_feats, r, processor)  # (B, n)
         else:
             tokens = draft_rows(heads, hidden, roots, tree, r, processor)  # (B, n)
 
@@ -379,13 +492,15 @@ def generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, to
         r.cache.keep_rows(past, kept, past + torch.tensor([len(p) for p in paths], device=device))
         last = torch.tensor([p[-1] for p in paths], device=device)  # (B,) node where each walk stopped
         hidden = states[torch.arange(r.active, device=device), last]  # (B, D)
-        if feature:
-            root_feats = [s.commit(torch.tensor(a, device=device), states[i, paths[i]])
-                          for i, (s, a) in enumerate(zip(sessions, accepted, strict=True))]  # fmt: skip
+        if feature:  # each row commits its accepted tokens with the features of its path (right-padded)
+            padded = torch.tensor([a + a[-1:] * (longest - len(a)) for a in accepted], device=device)  # (B, P)
+            path_states = states.gather(1, kept[..., None].expand(-1, -1, states.shape[-1]))  # (B, P, D)
+            root_feats = session.commit(padded, path_states, kept.new_tensor([len(p) for p in paths]))
         r.emit(accepted)
         keep = r.drop_finished()
         if keep is not None and r.active:
             hidden = hidden[keep]
             if feature:
-                sessions, root_feats = [sessions[i] for i in keep.tolist()], [root_feats[i] for i in keep.tolist()]
+                session.select_rows(keep)
+                root_feats = root_feats[keep]
     return r.output()

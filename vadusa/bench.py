@@ -159,8 +159,9 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(0.002):
-            if self.row is not None:
-                self.peak[self.row] = max(self.peak[self.row], self.resident_mb())
+            row = self.row  # read once: the decoding thread may reset it meanwhile
+            if row is not None:
+                self.peak[row] = max(self.peak[row], self.resident_mb())
 
     def __enter__(self):
         self._thread.start()
