@@ -3,6 +3,7 @@
     run = build_decoder("vadusa", model, assets=Path("my-heads-dir"), tree="auto")
     out = run(input_ids, max_new_tokens=500, temperature=1.0, eos_token_id=..., logits_processor=...,
               streamer=None, generator=g)          # -> GenerationOutput
+    out = run(ids, attention_mask=mask, max_new_tokens=[...])  # a left-padded batch: "ar", "vadusa", "block"
 
 A factory loads whatever its backend needs once (heads, trees, adapters) and returns `run`. The
 pipeline, the CLI and the A/B harness only ever call `build_decoder`; adding a backend is one entry
