@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import formats
 from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, save_artifact
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
@@ -209,8 +210,9 @@ class FeatureDrafter(nn.Module):
         return outs
 
     # ----- artifacts -----
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """config.json + model.safetensors, each written atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "vadusa") -> None:
+        """config.json + model.safetensors, each written atomically; no serving format can hold it (`formats`)."""
+        formats.refuse_feature_drafter(format)
         save_artifact(self, directory)
 
     @classmethod
@@ -247,6 +249,8 @@ def load_drafter(directory: str | os.PathLike, model=None):
     from .heads import DraftHeads
 
     d = Path(directory)
+    if d.is_dir() and formats.detect(d) is not None:  # vLLM or FasterDecoding Medusa heads
+        return DraftHeads.from_pretrained(d, model)
     kind = read_config(d).get("kind")
     if kind == KIND:
         return FeatureDrafter.from_pretrained(d, model)

@@ -10,6 +10,9 @@ With `root_token`, the heads also read x_{t+1} itself, the root the decoder has 
 base before drafting (Medusa heads never see it): x = h_t + E[x_{t+1}], E a learned (V, D) embedding
 shared by the heads and zero-initialised, so fresh heads still reproduce the base. When the base samples,
 the root is the one token of the future that is already known, and head 0's target follows it directly.
+
+`save_pretrained(d, format="vllm" | "medusa")` writes the serving formats of `vadusa.formats`, and
+`from_pretrained` reads them back (FasterDecoding Medusa checkpoints included).
 """
 
 import json
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from . import formats
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -144,23 +149,44 @@ class DraftHeads(nn.Module):
         return x @ self.shared_weight.to(x.dtype).T  # (..., H, V)
 
     # ----- artifacts -----
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors into `directory`, each atomically (write then rename)."""
-        save_artifact(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "vadusa") -> None:
+        """Write the heads to `directory` in `format` (`vadusa.formats`):
+
+        "vadusa": config.json + model.safetensors, each written atomically (write then rename);
+        "vllm": vLLM's Medusa draft model, for speculative_config={"method": "medusa", "model": directory};
+        "medusa": FasterDecoding Medusa heads (medusa_lm_head.safetensors), read by TGI and TensorRT-LLM.
+        The serving formats are written into a temporary directory renamed into place; heads they cannot
+        hold exactly (root-token heads, unbound shared_output heads) are refused with the reason."""
+        formats.check_format(format)
+        if format == "vadusa":
+            save_artifact(self, directory)
+        else:
+            formats.export(self, directory, format)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "DraftHeads":
-        """Load heads saved by `save_pretrained`; with `model`, check they were built for it."""
+        """Load heads saved by `save_pretrained` in any format, or FasterDecoding Medusa heads (config.json +
+        medusa_lm_head.safetensors) or a vLLM Medusa directory; with `model`, check they were built for it."""
         d = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (d / name).is_file():
-                raise FileNotFoundError(f"draft heads directory {d} has no {name}")
-        try:
-            config = HeadsConfig(**json.loads((d / CONFIG_NAME).read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{d / CONFIG_NAME} is not a valid heads config: {e}") from e
-        heads = cls(config)
-        load_weights(heads, d)
+        serving = formats.detect(d) if d.is_dir() else None
+        if serving is not None:
+            vocab = model.get_output_embeddings().weight.shape[0] if model is not None else None
+            fields, state = formats.read_serving(d, serving, vocab)
+            heads = cls(HeadsConfig(**fields))
+            heads.to(state.get("out_weight", state["block_bias"]).dtype).load_state_dict(state)  # the file's dtype
+        else:
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                if not (d / name).is_file():
+                    raise FileNotFoundError(f"draft heads directory {d} has no {name}")
+            try:
+                config = HeadsConfig(**json.loads((d / CONFIG_NAME).read_text()))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise ValueError(
+                    f"{d / CONFIG_NAME} is not a valid heads config of any known format ({', '.join(formats.FORMATS)}; "
+                    f"Medusa configs have medusa_num_heads, vLLM's model_type 'medusa'): {e}"
+                ) from e
+            heads = cls(config)
+            load_weights(heads, d)
         if model is not None:
             heads.check_compatible(model)
             heads.to(model.get_output_embeddings().weight.device).bind(model)

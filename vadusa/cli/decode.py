@@ -1,9 +1,12 @@
 """Synthesise speech with the demo TTS (or weights from --model-dir), offline.
 
     python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder vadusa|ar|block]
-                     [--temperature 1.0] [--seed 0] [--json stats.json]
+                     [--temperature 1.0] [--seed 0] [--json stats.json] [--stream]
     python decode.py --texts texts.txt --out-dir wavs/ --json stats.json [--batch-size 8]
     python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
+
+--stream synthesises through TTSPipeline.stream (audio chunks while the decoder runs) and prints the
+time to the first audio chunk; the wav written is the chunks concatenated.
 
 --compare runs the A/B harness (vadusa.bench): every decoder row on the same texts and seeds, interleaved,
 and writes ab/report.json, ab/report.md and ab/pareto.png. SPEC is `decoder:key=v1|v2,key=v; ...`, e.g.
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 from tqdm import tqdm
@@ -56,6 +60,7 @@ def parse_args(argv=None):
         "--batch-size", type=int, default=1,
         help="--texts / --compare: decode this many texts together (left-padded batch; 1: one at a time)",
     )  # fmt: skip
+    p.add_argument("--stream", action="store_true", help="stream the audio in chunks; print the time to first audio")
     g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size...)")
     g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
     g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
@@ -84,6 +89,8 @@ def parse_args(argv=None):
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size > 1 and args.texts is None:
         p.error("--batch-size needs --texts FILE (or --compare)")
+    if args.batch_size > 1 and args.stream:
+        p.error("--stream decodes one text at a time: drop --batch-size")
     if args.compare:
         if args.texts is None or args.out_dir is None:
             p.error("--compare needs --texts FILE and --out-dir DIR")
@@ -101,6 +108,8 @@ def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, out=None) ->
     """Synthesise one text (or vocode its decoder output `out`), write its wav, return its stats row."""
     if out is None:
         options = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k) is not None}
+        if args.stream:
+            return speak_streamed(pipe, text, wav_path, args, seed, options)
         out = pipe.generate(
             text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
         )
@@ -124,6 +133,25 @@ def speak_batches(pipe: TTSPipeline, texts: list[str], args) -> list[dict]:
     seeds = [None if args.seed is None else args.seed + k for k, out in enumerate(outs) for _ in out.row_new_tokens]
     return [speak(pipe, text, args.out_dir / f"{i:04d}.wav", args, seeds[i], rows_out[i])
             for i, text in enumerate(tqdm(texts, desc="vocode", unit="text"))]  # fmt: skip
+
+
+def speak_streamed(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, options: dict) -> dict:
+    """`speak` through `pipe.stream`: the row also has first_audio_seconds and stream_seconds."""
+    stream = pipe.stream(text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature,
+                         **options)  # fmt: skip
+    chunks = list(stream)
+    wav = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    sr = stream.sample_rate
+    wav_path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(wav_path), wav, sr)
+    out, voice = stream.output, args.voice or pipe.voices[0]
+    row = text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
+                     len(wav) / sr, out, stream.seconds - out.seconds)  # fmt: skip
+    row.update(first_audio_seconds=stream.first_audio_seconds, stream_seconds=stream.seconds, chunks=len(chunks))
+    first = "none (no audio)" if stream.first_audio_seconds is None else f"{stream.first_audio_seconds:.3f} s"
+    print(f"time to first audio: {first}; stream total {stream.seconds:.3f} s, {len(chunks)} chunk(s), "
+          f"{len(wav) / sr:.2f} s of audio")  # fmt: skip
+    return row
 
 
 def main(argv=None) -> int:

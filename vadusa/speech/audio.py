@@ -91,11 +91,37 @@ def mel_to_linear(mel: torch.Tensor, cfg: MelConfig = MEL) -> torch.Tensor:
     return (_mel_pinv(cfg) @ mel.float().exp().T).clamp(min=0.0)
 
 
-def griffin_lim(mag: torch.Tensor, iters: int = 32, momentum: float = 0.99, seed: int = 0, cfg: MelConfig = MEL):
-    """(n_freq, T) magnitudes -> (N,) float32 waveform: fast Griffin-Lim (Perraudin et al.) from a seeded phase."""
+PHASE_BLOCK = 64  # frames per seeded block of initial Griffin-Lim phases
+
+
+def initial_phases(first_frame: int, num_frames: int, n_freq: int, seed: int = 0) -> torch.Tensor:
+    """(n_freq, num_frames) uniform [0, 1) initial phases of frames first_frame .. first_frame + num_frames - 1.
+
+    Each frame's phases depend only on (seed, its absolute index), drawn in seeded blocks of PHASE_BLOCK
+    frames, so a window of frames starts from the same phases as the whole utterance (streaming relies on it).
+    """
+    blocks = []
+    for b in range(first_frame // PHASE_BLOCK, (first_frame + num_frames - 1) // PHASE_BLOCK + 1):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        blocks.append(torch.rand(PHASE_BLOCK, n_freq, generator=gen))  # (PHASE_BLOCK, n_freq)
+    offset = first_frame % PHASE_BLOCK
+    return torch.cat(blocks)[offset : offset + num_frames].T
+
+
+def griffin_lim(
+    mag: torch.Tensor,
+    iters: int = 32,
+    momentum: float = 0.99,
+    seed: int = 0,
+    cfg: MelConfig = MEL,
+    first_frame: int = 0,
+) -> torch.Tensor:
+    """(n_freq, T) magnitudes -> (N,) float32 waveform: fast Griffin-Lim (Perraudin et al.) from seeded phases.
+
+    `first_frame` is the absolute index of the first column (a window of a longer utterance); N = (T - 1) * hop.
+    """
     window = _window(cfg.n_fft)
-    gen = torch.Generator().manual_seed(seed)
-    angles = torch.exp(2j * math.pi * torch.rand(mag.shape, generator=gen))  # (n_freq, T)
+    angles = torch.exp(2j * math.pi * initial_phases(first_frame, mag.shape[1], mag.shape[0], seed))  # (n_freq, T)
     length = (mag.shape[1] - 1) * cfg.hop
     previous = torch.zeros_like(angles)
     for _ in range(iters):

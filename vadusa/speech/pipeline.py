@@ -6,6 +6,7 @@
 
 Each step is also public, for decoders and harnesses that drive the model themselves:
 `prompt`, `logits_processor`, `eos_token_id`, `max_new_tokens`, `units`, `vocode`, `cer`.
+`stream` yields audio chunks while the decoder runs (vadusa/speech/stream.py).
 """
 
 import json
@@ -23,6 +24,7 @@ from .corpus import DEFAULT_RATE, DEFAULT_VOICE, VOICES
 from .corpus import RATES as RATE_WPM
 from .judge import Judge
 from .lm import UnitsOnly, Vocab
+from .stream import SpeechStream, StreamConfig, StreamVocoder, UnitStreamer
 from .text import check_text, phonemize
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
@@ -147,6 +149,10 @@ class TTSPipeline:
         `decode_kwargs` that name options of the decoder's factory (for example a tree) build the
         decoder; the others go to its run (for example top_k, acceptance, max_new_tokens, streamer).
         """
+        return self._bind(text, voice, decoder, seed, rate, temperature, decode_kwargs)()
+
+    def _bind(self, text, voice, decoder, seed, rate, temperature, decode_kwargs):
+        """Check the text, voice and options and build the decoder now; return `call(**more_run_kwargs)`."""
         ids = self.prompt(text, voice, rate)
         build_names = set(decoder_options(decoder)) if decoder in DECODERS else set()
         options = {k: v for k, v in decode_kwargs.items() if k in build_names}
@@ -154,14 +160,40 @@ class TTSPipeline:
         call.setdefault("max_new_tokens", self._cap(ids.shape[1]))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         run = self.decoder(decoder, **options)
-        return run(
+        return lambda **more: run(
             ids,
             temperature=temperature,
             logits_processor=self.logits_processor,
             eos_token_id=self.eos_token_id,
             generator=generator,
             **call,
+            **more,
         )
+
+    def stream(
+        self,
+        text: str,
+        voice: str | None = None,
+        decoder: str = "ar",
+        seed: int | None = None,
+        stream_config: StreamConfig | None = None,
+        **kwargs,
+    ) -> SpeechStream:
+        """text -> an iterable of float32 audio chunks (at `self.codec.config.sample_rate`) produced while the
+        decoder runs: `for chunk in pipe.stream("Hello.", decoder="vadusa", seed=0): play(chunk)`.
+
+        Same arguments as `synthesize`; bad text, voice or options raise ValueError here, before anything runs.
+        The chunks concatenate to (nearly) the one-shot `synthesize` wav of the same seed (see `speech.stream`).
+        A generation with no units yields nothing and warns with `NoSpeechWarning`.
+        """
+        if "streamer" in kwargs:
+            raise ValueError("stream() brings its own streamer; call generate(..., streamer=...) to use yours")
+        kwargs = dict(kwargs)
+        rate, temperature = kwargs.pop("rate", None), kwargs.pop("temperature", 1.0)
+        call = self._bind(text, voice, decoder, seed, rate, temperature, kwargs)
+        streamer = UnitStreamer(self.vocab.unit_offset, self.vocab.num_units)
+        vocoder = StreamVocoder(self.codec, stream_config)
+        return SpeechStream(lambda s: call(streamer=s), streamer, vocoder, self.codec.config.sample_rate, text)
 
     def synthesize(
         self, text: str, voice: str | None = None, decoder: str = "ar", seed: int | None = None, **kwargs

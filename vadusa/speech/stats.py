@@ -14,6 +14,9 @@ Per text (`text_stats`):
     vocode_seconds   wall time of units -> wav (Griffin-Lim)
     tokens_per_second  new_tokens / seconds
     rtf              real-time factor of the LM: seconds / audio_seconds (< 1: faster than real time)
+    with decode.py --stream, also: first_audio_seconds (wall time to the first audio chunk, null if none),
+    stream_seconds (wall time of the whole stream), chunks (audio chunks streamed); vocode_seconds is then
+    the stream's time beyond the decoder's
 
 Summary (`summary`): {"count", "threads", "mean": arithmetic mean of every numeric per-text key,
 "total": sums of audio_seconds, new_tokens, forward_passes, seconds, vocode_seconds, with
