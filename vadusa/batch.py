@@ -15,6 +15,8 @@ Position ids are per row (position = column - pad). The prefix is never re-run. 
 or its budget leaves the batch at once (`Rows.drop_finished`: its cache rows are released), so it costs no
 further forward. Logits processors that read the history are called per row on that row's own history
 (its prompt without padding, then its tokens); ones that declare `reads_history = False` are called once.
+The feature drafter drafts every row at once (`BatchDraftSession`: one call per tree depth); block decoding's
+batched sliding windows (`vadusa.blockdiff.generate.slide_rows`) use the same `Rows` and ragged cache.
 """
 
 import time
