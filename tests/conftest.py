@@ -26,11 +26,13 @@ def tiny_llama(vocab: int = 48, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(vocab: int = 48, seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(vocab: int = 48, seed: int = 0, init: float = 0.02) -> GPT2LMHeadModel:
+    """`init`: the weights' std (GPT-2's 0.02 makes a 2-layer random model repeat its last token greedily)."""
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=None, eos_token_id=None
-    )
+        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=None, eos_token_id=None,
+        initializer_range=init,
+    )  # fmt: skip
     return GPT2LMHeadModel(config).eval()
 
 

@@ -218,8 +218,8 @@ def test_same_seed_same_output(model_and_heads, medusa_tree):
 
 def test_bad_inputs_raise(model_and_heads):
     model, heads = model_and_heads
-    with pytest.raises(ValueError, match="batch size 1"):
-        vadusa.generate(model, heads, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch size must be >= 1"):  # batches: tests/test_batch.py
+        vadusa.generate(model, heads, torch.zeros(0, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         vadusa.generate_ar(model, torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds the number of draft heads"):

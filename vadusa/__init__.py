@@ -1,6 +1,7 @@
 """vadusa: several speech tokens per forward pass for codec language models."""
 
 from .accept import ACCEPTANCE_RULES
+from .batch import left_pad
 from .cpu import transpose_linear_weights
 from .decoders import DECODERS, build_decoder
 from .drafter import DrafterConfig, FeatureDrafter, load_drafter
@@ -22,6 +23,7 @@ __all__ = [
     "custom_generate",
     "generate",
     "generate_ar",
+    "left_pad",
     "load_drafter",
     "transpose_linear_weights",
 ]

@@ -14,7 +14,11 @@ report.json schema (stable; extra keys may be added, none removed):
     rows      [{"decoder", "config", "tokens_per_second", "speedup_vs_ar", "speedup_vs_hf", "mean_accepted",
                 "forward_passes_per_token", "cer", "nll_per_token", "rtf", "peak_mem_mb",
                 "seconds": [per repeat], "new_tokens": [per repeat]}]
-    tokens_per_second = median over repeats of (new tokens / seconds) summed over all texts;
+    batch_size (texts decoded together; > 1: `hf-generate` is not run and speedup_vs_hf is null)
+    tokens_per_second = median over repeats of (new tokens / seconds) summed over all texts (with batches: the
+    total new tokens of every row over the batches' wall time, i.e. throughput); latency_mean_s / latency_p90_s =
+    mean and 90th percentile over requests (texts x repeats) of the time from its batch's start until its row
+    finished (batch size 1: its decoding time);
     mean_accepted = tokens per verification pass after the prefill; cer = mean judge CER over every synthesis
     (texts x repeats; null without a judge); cer_ci = its 95% bootstrap interval over texts (each text's mean
     over repeats resampled); cer_diff_vs_ar / cer_diff_ci = the mean paired difference to the `ar` row on the
@@ -123,10 +127,13 @@ def parse_configs(spec: str) -> list[RowSpec]:
     return rows
 
 
-def with_baselines(rows: list[RowSpec]) -> list[RowSpec]:
-    """The baselines first (added when missing), then the other rows, without duplicates."""
+def with_baselines(rows: list[RowSpec], batch_size: int = 1) -> list[RowSpec]:
+    """The baselines first (added when missing), then the other rows, without duplicates. Batches: `ar` only
+    (`hf-generate` here decodes one prompt per call)."""
     out: list[RowSpec] = []
-    for row in [RowSpec(b) for b in BASELINES] + rows:
+    if batch_size > 1:
+        rows = [r for r in rows if r.decoder != "hf-generate"]
+    for row in [RowSpec(b) for b in (BASELINES if batch_size == 1 else ("ar",))] + rows:
         if not any(r.label == row.label for r in out):
             out.append(row)
     return out
@@ -152,8 +159,9 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(0.002):
-            if self.row is not None:
-                self.peak[self.row] = max(self.peak[self.row], self.resident_mb())
+            row = self.row  # read once: the decoding thread may reset it meanwhile
+            if row is not None:
+                self.peak[row] = max(self.peak[row], self.resident_mb())
 
     def __enter__(self):
         self._thread.start()
@@ -205,20 +213,33 @@ def run_benchmark(
     seed: int = 0,
     progress: bool = True,
     command: str | None = None,
+    batch_size: int = 1,
 ) -> dict:
-    """Run every row on every text `repeats` times, interleaved; return the report dict (see module doc)."""
+    """Run every row on every text `repeats` times, interleaved; return the report dict (see module doc).
+
+    `batch_size` > 1 decodes that many consecutive texts together (left-padded, each with its own budget)."""
     if not task.texts or len(task.prompts) != len(task.texts):
         raise ValueError(f"need one prompt per text, got {len(task.texts)} texts and {len(task.prompts)} prompts")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    rows = with_baselines(rows)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    rows = with_baselines(rows, batch_size)
     runs = [build_decoder(r.decoder, task.model, task.assets, **r.factory_options()) for r in rows]
+    n_rows, n_texts = len(rows), len(task.texts)
+    chunks = [list(range(i, min(i + batch_size, n_texts))) for i in range(0, n_texts, batch_size)]
 
-    def call(k: int, i: int, run_seed: int):
+    def call(k: int, chunk: list[int], run_seed: int):
         kwargs = {"temperature": task.temperature, **rows[k].sampling_options()}
+        if len(chunk) > 1:
+            from .batch import left_pad
+
+            ids, mask = left_pad([task.prompts[i][0] for i in chunk])
+            kwargs |= {"attention_mask": mask, "max_new_tokens": [task.max_new_tokens[i] for i in chunk]}
+        else:
+            ids, kwargs["max_new_tokens"] = task.prompts[chunk[0]], task.max_new_tokens[chunk[0]]
         return runs[k](
-            task.prompts[i],
-            max_new_tokens=task.max_new_tokens[i],
+            ids,
             eos_token_id=task.eos_token_id,
             logits_processor=task.logits_processor,
             generator=torch.Generator().manual_seed(run_seed),
@@ -226,35 +247,38 @@ def run_benchmark(
         )
 
     for k in range(len(rows)):  # warm-up: every row once, untimed
-        call(k, 0, seed)
+        call(k, chunks[0], seed)
 
-    n_rows, n_texts = len(rows), len(task.texts)
     seconds = [[0.0] * repeats for _ in rows]
     tokens = [[0] * repeats for _ in rows]
     passes, accepted, steps = [0] * n_rows, [0] * n_rows, [0] * n_rows
-    outputs = [[[None] * repeats for _ in range(n_texts)] for _ in rows]  # every output, scored for CER
+    latency = [[] for _ in rows]  # per request: seconds until its row finished
+    outputs = [[[None] * repeats for _ in range(n_texts)] for _ in rows]  # every output (its row), scored for CER
 
     bar = tqdm(total=repeats * n_texts * n_rows, desc="compare", disable=not progress)
     with PeakMemory(n_rows) as memory:
-        for rep, i in itertools.product(range(repeats), range(n_texts)):
-            run_seed = seed + 1000 * rep + i  # every row decodes text i of repeat rep with the same seed
-            shift = (rep * n_texts + i) % n_rows
+        for rep, c in itertools.product(range(repeats), range(len(chunks))):
+            run_seed = seed + 1000 * rep + chunks[c][0]  # every row decodes batch c of repeat rep with the same seed
+            shift = (rep * len(chunks) + c) % n_rows
             for k in list(range(n_rows))[shift:] + list(range(n_rows))[:shift]:  # rotate who goes first
                 memory.row = k
-                out = call(k, i, run_seed)
+                out = call(k, chunks[c], run_seed)
                 memory.row = None
                 seconds[k][rep] += out.seconds
                 tokens[k][rep] += out.new_tokens
                 passes[k] += out.forward_passes
                 accepted[k] += sum(out.accepted_lengths)
                 steps[k] += len(out.accepted_lengths)
-                outputs[k][i][rep] = out
-                bar.update()
+                latency[k] += out.row_seconds
+                for j, i in enumerate(chunks[c]):
+                    outputs[k][i][rep] = out.row(j) if len(chunks[c]) > 1 else out
+                bar.update(len(chunks[c]))
     bar.close()
 
     tps = [statistics.median(t / s for t, s in zip(tokens[k], seconds[k], strict=True)) for k in range(n_rows)]
-    k_ar, k_hf = (next(k for k, r in enumerate(rows) if r.label == b) for b in ("ar", "hf-generate"))
-    tps_ar, tps_hf = tps[k_ar], tps[k_hf]
+    k_ar = next(k for k, r in enumerate(rows) if r.label == "ar")
+    k_hf = next((k for k, r in enumerate(rows) if r.label == "hf-generate"), None)
+    tps_ar, tps_hf = tps[k_ar], (tps[k_hf] if k_hf is not None else None)
     per_text = None  # (rows, texts) mean CER over repeats
     if task.score:
         per_text = [
@@ -280,7 +304,9 @@ def run_benchmark(
                 "config": row.config,
                 "tokens_per_second": tps[k],
                 "speedup_vs_ar": tps[k] / tps_ar,
-                "speedup_vs_hf": tps[k] / tps_hf,
+                "speedup_vs_hf": tps[k] / tps_hf if tps_hf else None,
+                "latency_mean_s": statistics.mean(latency[k]),
+                "latency_p90_s": percentile(latency[k], 90),
                 "mean_accepted": accepted[k] / max(steps[k], 1),
                 "forward_passes_per_token": passes[k] / max(sum(tokens[k]), 1),
                 "cer": cer,
@@ -297,9 +323,17 @@ def run_benchmark(
         "command": command or " ".join(sys.argv),
         "texts": n_texts,
         "repeats": repeats,
+        "batch_size": batch_size,
         "seed": seed,
         "rows": report_rows,
     }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile of `values` (linear interpolation)."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def bootstrap_interval(values: list[float], seed: int = 0, level: float = 0.95, resamples: int = 2000) -> list:
@@ -321,10 +355,11 @@ def validate_report(report: dict) -> None:
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
             raise ValueError(f"row {row.get('decoder')!r} lacks {missing}")
+        if row["speedup_vs_hf"] is None and report.get("batch_size", 1) == 1:
+            raise ValueError(f"row {row['decoder']!r}: speedup_vs_hf is null without batches")
         numeric = (
             "tokens_per_second",
             "speedup_vs_ar",
-            "speedup_vs_hf",
             "mean_accepted",
             "forward_passes_per_token",
             "nll_per_token",
@@ -333,7 +368,7 @@ def validate_report(report: dict) -> None:
         for k in numeric:
             if not isinstance(row[k], int | float):
                 raise ValueError(f"row {row['decoder']!r}: {k} must be a number, got {row[k]!r}")
-        for k in ("cer", "rtf"):
+        for k in ("cer", "rtf", "speedup_vs_hf"):
             if row[k] is not None and not isinstance(row[k], int | float):
                 raise ValueError(f"row {row['decoder']!r}: {k} must be a number or null, got {row[k]!r}")
         if row["decoder"] not in DECODERS or not isinstance(row["config"], dict):
@@ -357,20 +392,23 @@ def markdown_table(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {m['threads']} threads), "
-        f"{report['texts']} texts x {report['repeats']} repeats: `{report['command']}`",
+        f"{report['texts']} texts x {report['repeats']} repeats, batch size {report.get('batch_size', 1)}: "
+        f"`{report['command']}`",
         "",
         "| decoder | config | tokens/s | vs ar | vs hf | accepted/step | passes/token | CER [95% CI] "
-        "| CER - ar [95% CI] | NLL/token | RTF | peak MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CER - ar [95% CI] | NLL/token | RTF | latency s (mean / p90) | peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(report["rows"], key=lambda r: -r["speedup_vs_ar"]):
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "-"
         lines.append(
             f"| {r['decoder']} | {config} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f}x | "
-            f"{r['speedup_vs_hf']:.2f}x | {r['mean_accepted']:.2f} | {r['forward_passes_per_token']:.3f} | "
+            f"{_fmt(r['speedup_vs_hf'])}{'' if r['speedup_vs_hf'] is None else 'x'} | {r['mean_accepted']:.2f} | "
+            f"{r['forward_passes_per_token']:.3f} | "
             f"{_with_ci(r.get('cer'), r.get('cer_ci'))} | "
             f"{_with_ci(r.get('cer_diff_vs_ar'), r.get('cer_diff_ci'), '+')} | "
-            f"{r['nll_per_token']:.3f} | {_fmt(r['rtf'], 3)} | {r['peak_mem_mb']:.0f} |"
+            f"{r['nll_per_token']:.3f} | {_fmt(r['rtf'], 3)} | "
+            f"{_fmt(r.get('latency_mean_s'))} / {_fmt(r.get('latency_p90_s'))} | {r['peak_mem_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -504,6 +542,7 @@ def compare(
     quick: bool = False,
     progress: bool = True,
     command: str | None = None,
+    batch_size: int = 1,
 ) -> dict:
     """`decode.py --compare`: run the rows (default set, or `configs`), write the report, return it."""
     out = prepare_out_dir(out_dir)  # fail before minutes of decoding, not after
@@ -511,7 +550,10 @@ def compare(
     rows, skipped = buildable(task, rows)
     for s in skipped:
         print(f"skipping {s['decoder']} {s['config']}: {s['reason']}", file=sys.stderr)
-    report = run_benchmark(task, rows, repeats=1 if quick else repeats, seed=seed, progress=progress, command=command)
+    report = run_benchmark(
+        task, rows, repeats=1 if quick else repeats, seed=seed, progress=progress, command=command,
+        batch_size=batch_size,
+    )  # fmt: skip
     report["skipped"] = skipped
     write_report(report, out)
     return report

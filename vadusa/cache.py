@@ -5,6 +5,12 @@ forward. `BufferCache` allocates each layer once (max_len positions) and writes 
 place; `keep` compacts the cache to an accepted tree path without touching the prefix.
 Its layers are plain (non-sliding) layers whatever the model config says, so compaction never has
 to keep a sliding window's bookkeeping in sync (the 4D masks the engine passes decide visibility).
+
+Batches whose rows hold different numbers of positions (batched speculative decoding: each row accepts
+its own number of tokens per step) use the ragged mode: `set_starts(starts)` before a forward makes every
+layer write row b's new entries at starts[b], starts[b]+1, ...; the layer's views reach the end of the
+longest row, and the caller's per-row 4D masks hide what lies beyond each row's own length.
+`keep_rows` compacts every row to its own accepted path; `select_rows` drops finished rows.
 """
 
 import torch
@@ -17,7 +23,9 @@ class BufferLayer(DynamicLayer):
     def __init__(self, max_len: int):
         super().__init__()
         self.max_len = max_len
-        self.length = 0
+        self.length = 0  # filled positions (ragged mode: the end of the longest row)
+        self.starts = None  # (B,) ragged mode: where each row's next entries go (None: every row at `length`)
+        self.max_start = 0  # int(starts.max()), kept so a forward needs no device sync
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -34,6 +42,8 @@ class BufferLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.starts is not None:
+            return self._update_rows(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions needed, buffer holds max_len={self.max_len}")
@@ -42,6 +52,41 @@ class BufferLayer(DynamicLayer):
         self.length = end
         self._set_views()
         return self.keys, self.values
+
+    def _update_rows(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Ragged write: row b's n new entries at starts[b] .. starts[b] + n - 1."""
+        b, _, n, _ = key_states.shape
+        end = self.max_start + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, buffer holds max_len={self.max_len}")
+        rows = torch.arange(b, device=key_states.device)[:, None]  # (B, 1)
+        cols = self.starts[:, None] + torch.arange(n, device=key_states.device)  # (B, n)
+        self.key_buffer[rows, :, cols] = key_states.transpose(1, 2)  # (B, n, heads, d)
+        self.value_buffer[rows, :, cols] = value_states.transpose(1, 2)
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def keep_rows(self, starts: torch.Tensor, index: torch.Tensor, max_end: int) -> None:
+        """Row b keeps positions starts[b] + index[b] at starts[b], starts[b]+1, ... (index (B, P) ascending;
+        a row with fewer kept positions repeats its last one: the copies land past its new length, unused)."""
+        if not self.is_initialized:
+            return
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]  # (B, 1)
+        src = starts[:, None] + index  # (B, P)
+        dst = starts[:, None] + torch.arange(index.shape[1], device=index.device)  # (B, P)
+        self.key_buffer[rows, :, dst] = self.key_buffer[rows, :, src]
+        self.value_buffer[rows, :, dst] = self.value_buffer[rows, :, src]
+        self.length = max_end
+        self._set_views()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (B',) of the buffers (finished rows leave the batch)."""
+        if not self.is_initialized:
+            return
+        self.key_buffer = self.key_buffer[rows]
+        self.value_buffer = self.value_buffer[rows]
+        self._set_views()
 
     def get_seq_length(self) -> int:
         return self.length
@@ -82,6 +127,25 @@ class BufferCache(Cache):
         """Compact every layer to the prefix [0, start) followed by positions start + index."""
         for layer in self.layers:
             layer.keep(start, index)
+
+    # ----- ragged batches (module doc) -----
+    def set_starts(self, starts: torch.Tensor | None) -> None:
+        """(B,) where each row's entries of the next forward go (None: back to one length for every row)."""
+        max_start = int(starts.max()) if starts is not None else 0
+        for layer in self.layers:
+            layer.starts, layer.max_start = starts, max_start
+
+    def keep_rows(self, starts: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Compact row b to its prefix [0, starts[b]) + positions starts[b] + index[b]; `lengths` (B,) the rows'
+        new lengths (starts + number kept)."""
+        max_end = int(lengths.max())
+        for layer in self.layers:
+            layer.keep_rows(starts, index, max_end)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (B',) in every layer."""
+        for layer in self.layers:
+            layer.select_rows(rows)
 
 
 def num_decoder_layers(model) -> int:

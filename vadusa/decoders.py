@@ -3,6 +3,7 @@
     run = build_decoder("vadusa", model, assets=Path("my-heads-dir"), tree="auto")
     out = run(input_ids, max_new_tokens=500, temperature=1.0, eos_token_id=..., logits_processor=...,
               streamer=None, generator=g)          # -> GenerationOutput
+    out = run(ids, attention_mask=mask, max_new_tokens=[...])  # a left-padded batch: "ar", "vadusa", "block"
 
 A factory loads whatever its backend needs once (heads, trees, adapters) and returns `run`. The
 pipeline, the CLI and the A/B harness only ever call `build_decoder`; adding a backend is one entry
@@ -42,7 +43,10 @@ def _hf_generate(model, assets: Path | None = None) -> Run:
         generator=None,
         top_p=1.0,
         min_p=0.0,
+        attention_mask=None,
     ) -> GenerationOutput:
+        if attention_mask is not None or not isinstance(max_new_tokens, int):
+            raise ValueError("hf-generate decodes one prompt per call here: batches go to 'ar', 'vadusa', 'block'")
         start = time.perf_counter()
         prompt = check_prompt(input_ids).to(model.device)
         if generator is not None:  # generate() samples from the global RNG: seed it from the generator

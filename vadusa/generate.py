@@ -1,8 +1,9 @@
 """Decoding loops: `generate` (draft heads -> tree -> one verification pass -> accept) and `generate_ar`.
 
 Both work on any stock transformers decoder-only causal LM through `model.base_model` (the body that
-returns hidden states) and `model.get_output_embeddings()` (the output layer), with batch size 1 and
-the same pre-allocated KV cache, so `generate_ar` is a fair baseline.
+returns hidden states) and `model.get_output_embeddings()` (the output layer), with the same pre-allocated
+KV cache, so `generate_ar` is a fair baseline. The loops here decode one row; a batch of (B, T) left-padded
+prompts goes to `vadusa.batch`, whose loops reuse these helpers.
 
 Vocabulary of the loop (one step of `generate`):
     root      the token already drawn from the base at the last accepted position (not yet in the cache)
@@ -28,17 +29,51 @@ _NO_CHILDREN = torch.empty(0, dtype=torch.long)
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor  # (1, prompt + new) prompt followed by the generated tokens
-    new_tokens: int  # number of generated tokens (EOS included when it was generated)
-    forward_passes: int  # forward passes of the base model, prefill included
+    """One call's result. A batch (B > 1, `vadusa.batch`): `sequences` is (B, T + longest row) with each row's
+    prompt as given (left padding included), its tokens, then right padding (the first EOS id, else 0); the
+    totals add up over rows; `row_*` hold each row's own figures; `cache` is None."""
+
+    sequences: torch.Tensor  # (B, prompt + new) prompt followed by the generated tokens (B = 1 unless batched)
+    new_tokens: int  # number of generated tokens (EOS included when it was generated), summed over rows
+    forward_passes: int  # forward passes of the base model, prefill included (a batched forward counts once)
     accepted_lengths: list[int] = field(default_factory=list)  # tokens emitted by each pass after the prefill
+    # (batches: every row's steps, row after row)
     seconds: float = 0.0  # wall time of the call
-    cache: object = field(default=None, repr=False)  # KV cache of sequences[:, :-1], to continue from
+    cache: object = field(default=None, repr=False)  # KV cache of sequences[:, :-1], to continue from (B = 1)
+    row_new_tokens: list[int] | None = None  # per row: its generated tokens
+    row_seconds: list[float] | None = None  # per row: wall time from the call's start until the row finished
+    row_forward_passes: list[int] | None = None  # per row: forwards it took part in, prefill included
+    row_accepted_lengths: list[list[int]] | None = None  # per row: tokens it emitted at each step after the prefill
+    row_prompt_lengths: list[int] | None = None  # per row: its prompt's tokens (padding excluded)
+
+    def __post_init__(self):
+        if self.row_new_tokens is None:  # batch size 1: the row is the call
+            self.row_new_tokens, self.row_seconds = [self.new_tokens], [self.seconds]
+            self.row_forward_passes, self.row_accepted_lengths = [self.forward_passes], [self.accepted_lengths]
+            self.row_prompt_lengths = [self.sequences.shape[1] - self.new_tokens]
 
     @property
     def tokens(self) -> torch.Tensor:
-        """(new_tokens,) the generated tokens alone."""
+        """(new_tokens,) the generated tokens alone (batch size 1; a batch: `row_tokens(i)`)."""
+        if self.sequences.shape[0] != 1:
+            raise ValueError(
+                f"tokens is for batch size 1, this output has {self.sequences.shape[0]} rows: use row_tokens"
+            )
         return self.sequences[0, self.sequences.shape[1] - self.new_tokens :]
+
+    def row_tokens(self, i: int) -> torch.Tensor:
+        """(row_new_tokens[i],) the tokens row i generated."""
+        start = self.sequences.shape[1] - max(self.row_new_tokens)
+        return self.sequences[i, start : start + self.row_new_tokens[i]]
+
+    def row(self, i: int) -> "GenerationOutput":
+        """Row i as a batch-1 output: its prompt without padding + its tokens, its own figures, no cache."""
+        width = self.sequences.shape[1] - max(self.row_new_tokens)
+        n = self.row_new_tokens[i]
+        return GenerationOutput(
+            self.sequences[i : i + 1, width - self.row_prompt_lengths[i] : width + n], n, self.row_forward_passes[i],
+            self.row_accepted_lengths[i], self.row_seconds[i],
+        )  # fmt: skip
 
     @property
     def mean_accepted(self) -> float:
@@ -287,15 +322,25 @@ def generate_ar(
     min_p: float = 0.0,
     inputs_embeds: torch.Tensor | None = None,
     stopping_criteria=None,
+    attention_mask: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Auto-regressive decoding, one token per forward, on the same cache machinery as `generate`.
 
     The prompt is `input_ids` (1, T) or `inputs_embeds` (1, T, D) (then `sequences` holds the new tokens only, as
     in transformers); generated tokens go through the model's own input embeddings. `stopping_criteria`
-    (transformers' StoppingCriteria) are checked after every token."""
+    (transformers' StoppingCriteria) are checked after every token. (B, T) prompts with a left-padding
+    `attention_mask` decode as a batch (`vadusa.batch`)."""
+    from .batch import check_batch, check_batch_extras, generate_ar_rows
+
     check_sampling(top_p, min_p)
-    body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
+    ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else (None, None)
+    if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
+        check_batch_extras(stopping_criteria)
+        return generate_ar_rows(model, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, processor,
+                                streamer, generator, top_p, min_p)  # fmt: skip
+    input_ids = ids if mask is None else ids[:, mask[0].bool()]
+    body, out_layer = split_model(model)
     d = _Decoding(model, input_ids, max_new_tokens, 0, eos_token_id, streamer, inputs_embeds, stopping_criteria)
     hidden = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
     d.forward_passes = 1
@@ -405,9 +450,14 @@ def walk(probs, tokens, buffers: WalkBuffers, rule, u) -> tuple[list[int], int]:
     child_tokens = torch.where(valid, tokens[buffers.child_index.clamp(min=0)], -1)  # (n, C)
     index, token = rule.batch(probs, child_tokens, u)
     index, token = index.tolist(), token.tolist()
+    return follow(index, token, buffers.children)
+
+
+def follow(index: list[int], token: list[int], children: list[list[int]]) -> tuple[list[int], int]:
+    """The integer walk from the root along the rule's decisions -> (accepted path, next root)."""
     node, path = 0, [0]
     while index[node] >= 0:
-        node = buffers.children[node][index[node]]
+        node = children[node][index[node]]
         path.append(node)
     return path, token[node]
 
@@ -433,21 +483,32 @@ def generate(
     min_p: float = 0.0,
     inputs_embeds: torch.Tensor | None = None,
     stopping_criteria=None,
+    attention_mask: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Draft -> verify -> accept decoding (VADUSA). `tree` defaults to the top-1 chain over all heads.
 
     At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding. Top-p and
     min-p (as transformers' warpers) shape the base distribution every rule reads, so lossless stays exact.
     The prompt may be `inputs_embeds` (1, T, D), as in `generate_ar` (a feature drafter then sees the prompt's
-    last state only); `stopping_criteria` are checked after every emitted token.
+    last state only); `stopping_criteria` are checked after every emitted token. (B, T) prompts with a
+    left-padding `attention_mask` decode as a batch (`vadusa.batch`): each row accepts its own number of
+    tokens per step and stops on its own.
     """
+    from .batch import check_batch, check_batch_extras, generate_rows
+
     check_sampling(top_p, min_p)
     tree = tree if tree is not None else Tree.chain(heads.max_depth)
     tree.validate_for(heads.max_depth)
     heads.check_compatible(model)
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
-    body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
+    ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else (None, None)
+    if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
+        check_batch_extras(stopping_criteria)
+        return generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, top_k, rule, eos_token_id,
+                             processor, streamer, generator, top_p, min_p)  # fmt: skip
+    input_ids = ids if mask is None else ids[:, mask[0].bool()]
+    body, out_layer = split_model(model)
     n = len(tree)
     d = _Decoding(model, input_ids, max_new_tokens, n, eos_token_id, streamer, inputs_embeds, stopping_criteria)
     device, dtype = model.device, out_layer.weight.dtype

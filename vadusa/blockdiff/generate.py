@@ -43,7 +43,16 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 import torch
 
 from ..accept import sample
-from ..generate import GenerationOutput, _Decoding, as_processor, check_sampling, scores_to_probs, split_model
+from ..batch import Rows, additive, check_batch
+from ..generate import (
+    GenerationOutput,
+    _Decoding,
+    as_processor,
+    check_sampling,
+    reads_history,
+    scores_to_probs,
+    split_model,
+)
 from .masks import MaskBuffer
 
 UNMASK_RULES = ("any", "prefix")
@@ -156,6 +165,7 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Decode block by block with a distilled student (see `load_student`); returns a `GenerationOutput`.
 
@@ -167,6 +177,7 @@ def generate(
     `load_student`. `accepted_lengths` holds the targets decided by each forward after the first. The
     returned `cache` is None: block-causal keys and values are not an auto-regressive cache to continue from.
     The prompt may be `inputs_embeds` (1, T, D) instead of ids (`sequences` then holds the new tokens only).
+    (B, T) prompts with a left-padding `attention_mask` decode as a batch in sliding windows (`slide_rows`).
     """
     check_block_options(block_size, threshold, unmask)
     check_sampling(top_p, min_p)
@@ -184,6 +195,18 @@ def generate(
     split = getattr(model, "base_tokens", None)  # a teacher-prefix student's TwoWayLinear switch
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
+    ids, pad_mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else (None, None)
+    if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
+        if not (sliding and unmask == "prefix" and not (teacher_prefix or causal_clean)):
+            raise ValueError(
+                "batched block decoding runs sliding windows (sliding=True, unmask='prefix', a block-causal student:"
+                f" the 'block' decoder's default); got sliding={sliding}, unmask={unmask!r}, "
+                f"causal_clean={causal_clean}, teacher_prefix={teacher_prefix}"
+            )
+        r = Rows(model, ids, pad_mask, max_new_tokens, block_size, eos_token_id, streamer)
+        return slide_rows(r, body, out_layer, processor, block_size, threshold, temperature, top_k, generator,
+                          int(mask_token_id), top_p, min_p)  # fmt: skip
+    input_ids = ids if pad_mask is None else ids[:, pad_mask[0].bool()]
     d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer, inputs_embeds)
     device, dtype = model.device, out_layer.weight.dtype
     masks = MaskBuffer(2 * block_size, d.seq.shape[1], dtype, device)
@@ -293,6 +316,81 @@ def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold,
     out = d.output()
     out.cache = None
     return out
+
+
+def window_mask(pad, start, widths, commit: int, window: int, dtype) -> torch.Tensor:
+    """(B, 1, commit + W, E) mask of one batched sliding forward, E = max(start) + commit + W: row b's window
+    (its first widths[b] of W slots) sees its cached prefix [pad[b], start[b]), the commit and itself
+    bidirectionally; the commit (the prefill's prompt, every start 0) is causal; slots past a row's width and
+    padding see only themselves."""
+    n = commit + window
+    cols = torch.arange(int(start.max()) + n, device=pad.device)  # (E,)
+    rel = cols[None, :] - start[:, None]  # (B, E) column relative to the row's forward
+    slot = torch.arange(n, device=pad.device)  # (n,)
+    valid = (slot[None, :] < commit + widths[:, None]) & (
+        slot[None, :] >= torch.where(slot[None, :] < commit, pad[:, None], 0)
+    )
+    key_valid = valid.gather(1, rel.clamp(0, n - 1)) & (rel >= 0) & (rel < n)  # (B, E) forward slots visible
+    prefix = (cols[None, :] >= pad[:, None]) & (rel < 0)  # (B, E)
+    visible = (prefix | key_valid)[:, None, :] & valid[:, :, None]  # (B, n, E)
+    causal = (rel[:, None, :] <= slot[None, :, None]) | (slot[None, :, None] >= commit)  # the commit is causal
+    visible = visible & causal
+    visible = visible | (rel[:, None, :] == slot[None, :, None])  # every slot sees itself
+    return additive(visible, dtype)[:, None]
+
+
+def slide_rows(r: Rows, body, out_layer, processor, size: int, threshold, temperature, top_k, generator,
+               mask_token_id: int, top_p=1.0, min_p=0.0) -> GenerationOutput:  # fmt: skip
+    """`slide` over a batch: every active row runs its own window (width <= size; narrower rows padded with
+    hidden slots) in ONE forward, decides its own leading run of targets and keeps its own decided inputs in
+    the ragged cache (its cache length is its window's start); finished rows leave the batch."""
+    device, dtype = r.seq.device, out_layer.weight.dtype
+    start = torch.full((r.active,), r.width - 1, dtype=torch.long, device=device)  # (B,) first input not cached
+    commit = r.width - 1  # the prefill carries every row's prompt before its last token
+    per_row = processor is not None and reads_history(processor)
+    while r.active:
+        lengths = r.lengths.tolist()
+        starts = start.tolist()
+        budgets = [r.budgets[row] - (p - r.width) for row, p in zip(r.rows, lengths, strict=True)]
+        n = [min(size - (p - s) + 1, b) for p, s, b in zip(lengths, starts, budgets, strict=True)]  # targets
+        widths = [p - s + k - 1 for p, s, k in zip(lengths, starts, n, strict=True)]  # window inputs
+        window = max(widths)
+        ids = torch.full((r.active, commit + window), mask_token_id, dtype=torch.long, device=device)
+        ids[:, :commit] = r.seq[:, :commit]
+        for i, (p, s, k) in enumerate(zip(lengths, starts, n, strict=True)):
+            r.seq[i, p : p + k - 1] = mask_token_id
+            ids[i, commit : commit + widths[i]] = r.seq[i, s : p - 1 + k]
+        first = commit > 0
+        offset = torch.zeros_like(start) if first else start  # cache length of each row
+        r.cache.set_starts(None if first else start)
+        positions = (offset - r.pad)[:, None] + torch.arange(commit + window, device=device)  # (B, c + W)
+        widths_t = torch.tensor(widths, device=device)
+        hidden = body(
+            input_ids=ids,
+            attention_mask=window_mask(r.pad, offset, widths_t, commit, window, dtype),
+            position_ids=positions.clamp(min=0),
+            past_key_values=r.cache,
+            use_cache=True,
+        ).last_hidden_state  # (B, c + W, D)
+        rows = [hidden[i, commit + widths[i] - n[i] : commit + widths[i]] for i in range(r.active)]  # (n_i, D) each
+        logits = out_layer(torch.cat(rows))  # (sum n, V)
+        if per_row:
+            parts = logits.split(n)
+            probs = torch.cat([block_probs(x, r.history(i), processor, temperature, top_k, mask_token_id, top_p, min_p)
+                               for i, x in enumerate(parts)])  # fmt: skip
+        else:
+            probs = block_probs(logits, r.seq[:1, :1], processor, temperature, top_k, mask_token_id, top_p, min_p)
+        decided = []
+        for part in probs.split(n):
+            tokens, chosen = sample_and_select(part, temperature, threshold, generator, prefix=True)
+            decided.append(tokens[: int(chosen.sum())].tolist())  # the leading run, >= 1 target
+        r.forward_passes += 1
+        r.emit(decided, step=not first)
+        start, commit = r.lengths.new_tensor(lengths), 0  # each row's decided inputs up to its old length stay
+        keep = r.drop_finished()
+        if keep is not None and r.active:
+            start = start[keep]
+    return r.output()
 
 
 def block_factory(

@@ -3,7 +3,7 @@
     python decode.py "Hello there, how are you?" -o out.wav [--voice us_female] [--decoder vadusa|ar|block]
                      [--temperature 1.0] [--top-k K] [--top-p P] [--min-p M] [--seed 0] [--json stats.json]
                      [--stream]
-    python decode.py --texts texts.txt --out-dir wavs/ --json stats.json
+    python decode.py --texts texts.txt --out-dir wavs/ --json stats.json [--batch-size 8]
     python decode.py --compare --texts texts.txt --out-dir ab/ [--configs SPEC] [--repeats 3] [--seed 0] [--quick]
 
 --stream synthesises through TTSPipeline.stream (audio chunks while the decoder runs) and prints the
@@ -11,7 +11,9 @@ time to the first audio chunk; the wav written is the chunks concatenated.
 
 --compare runs the A/B harness (vadusa.bench): every decoder row on the same texts and seeds, interleaved,
 and writes ab/report.json, ab/report.md and ab/pareto.png. SPEC is `decoder:key=v1|v2,key=v; ...`, e.g.
-"vadusa:tolerance=1|2|3|4,tree=auto; block:threshold=0.3|0.4"; `hf-generate` and `ar` are always included.
+"vadusa:tolerance=1|2|3|4,tree=auto; block:threshold=0.3|0.4"; `hf-generate` and `ar` are always included
+(with --batch-size B > 1: `ar` only, and every row decodes B texts at a time; the report gives throughput,
+total new tokens per second over all rows, and per-request latency).
 
 Stats JSON keys are documented in vadusa/speech/stats.py: one row per text (cer, audio_seconds,
 new_tokens, tokens_per_second, rtf, forward_passes, ...) under "texts", and "summary" with their
@@ -60,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--batch-size", type=int, default=1,
+        help="--texts / --compare: decode this many texts together (left-padded batch; 1: one at a time)",
+    )  # fmt: skip
     p.add_argument("--stream", action="store_true", help="stream the audio in chunks; print the time to first audio")
     g = p.add_argument_group("decoder options (vadusa: tree, acceptance, tolerance; block: threshold, block size...)")
     g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
@@ -85,6 +91,12 @@ def parse_args(argv=None):
     c.add_argument("--repeats", type=int, default=3, help="timed repeats per row and text (median reported)")
     c.add_argument("--quick", action="store_true", help="a couple of minutes: a few rows, one repeat")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size > 1 and args.texts is None:
+        p.error("--batch-size needs --texts FILE (or --compare)")
+    if args.batch_size > 1 and args.stream:
+        p.error("--stream decodes one text at a time: drop --batch-size")
     if args.compare:
         if args.texts is None or args.out_dir is None:
             p.error("--compare needs --texts FILE and --out-dir DIR")
@@ -98,14 +110,20 @@ def parse_args(argv=None):
     return args
 
 
-def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
-    """Synthesise one text, write its wav, return its stats row."""
-    options = {k: getattr(args, k) for k in DECODER_FLAGS + SAMPLING_FLAGS if getattr(args, k) is not None}
-    if args.stream:
-        return speak_streamed(pipe, text, wav_path, args, seed, options)
-    out = pipe.generate(
-        text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
-    )
+def user_options(args) -> dict:
+    """The decoder and sampling options the user set (the rest keep the decoder's defaults)."""
+    return {k: getattr(args, k) for k in DECODER_FLAGS + SAMPLING_FLAGS if getattr(args, k) is not None}
+
+
+def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, out=None) -> dict:
+    """Synthesise one text (or vocode its decoder output `out`), write its wav, return its stats row."""
+    if out is None:
+        options = user_options(args)
+        if args.stream:
+            return speak_streamed(pipe, text, wav_path, args, seed, options)
+        out = pipe.generate(
+            text, voice=args.voice, decoder=args.decoder, seed=seed, temperature=args.temperature, **options
+        )
     start = time.perf_counter()
     wav, sr = pipe.vocode(pipe.units(out))
     vocode_seconds = time.perf_counter() - start
@@ -114,6 +132,18 @@ def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed) -> dict:
     voice = args.voice or pipe.voices[0]
     return text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
                       len(wav) / sr, out, vocode_seconds)  # fmt: skip
+
+
+def speak_batches(pipe: TTSPipeline, texts: list[str], args) -> list[dict]:
+    """--texts with --batch-size B: decode B texts at a time (batch k seeded seed + k), then one stats row per
+    text; its seconds are its request latency (its batch's start until its row finished)."""
+    options = user_options(args)
+    outs = pipe.generate_batch(texts, voice=args.voice, decoder=args.decoder, seed=args.seed,
+                               temperature=args.temperature, batch_size=args.batch_size, **options)  # fmt: skip
+    rows_out = [out.row(i) for out in outs for i in range(len(out.row_new_tokens))]
+    seeds = [None if args.seed is None else args.seed + k for k, out in enumerate(outs) for _ in out.row_new_tokens]
+    return [speak(pipe, text, args.out_dir / f"{i:04d}.wav", args, seeds[i], rows_out[i])
+            for i, text in enumerate(tqdm(texts, desc="vocode", unit="text"))]  # fmt: skip
 
 
 def speak_streamed(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, options: dict) -> dict:
@@ -151,11 +181,14 @@ def main(argv=None) -> int:
                 args.seed or 0,
                 args.quick,
                 command="python " + " ".join(sys.argv),
+                batch_size=args.batch_size,
             )
             print(f"{len(report['rows'])} rows -> {args.out_dir}/report.md, report.json, pareto.png")
             return 0
         if args.text is not None:
             rows = [speak(pipe, args.text, args.output, args, args.seed)]
+        elif args.batch_size > 1:
+            rows = speak_batches(pipe, read_texts(args.texts), args)
         else:
             texts = read_texts(args.texts)
             rows = []

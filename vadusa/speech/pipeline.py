@@ -202,3 +202,64 @@ class TTSPipeline:
         out = self.generate(text, voice, decoder, seed, **kwargs)
         wav, sr = self.vocode(self.units(out))
         return wav, sr, out
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        texts: list[str],
+        voice: str | None = None,
+        decoder: str = "ar",
+        seed: int | None = None,
+        rate: str | None = None,
+        temperature: float = 1.0,
+        batch_size: int = 8,
+        **decode_kwargs,
+    ) -> list[GenerationOutput]:
+        """texts -> one GenerationOutput per batch of `batch_size` texts (left-padded prompts, each row with its
+        own budget, `GenerationOutput.row(i)` its text's output). Batch k samples with seed + k."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError(f"texts must be a non-empty list of strings, got {texts!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        from ..batch import left_pad
+
+        prompts = [self.prompt(t, voice, rate)[0] for t in texts]  # every text checked before any decoding
+        build_names = set(decoder_options(decoder)) if decoder in DECODERS else set()
+        options = {k: v for k, v in decode_kwargs.items() if k in build_names}
+        call = {k: v for k, v in decode_kwargs.items() if k not in build_names}
+        caps = call.pop("max_new_tokens", None)
+        run = self.decoder(decoder, **options)
+        outs = []
+        for k, first in enumerate(range(0, len(texts), batch_size)):
+            chunk = prompts[first : first + batch_size]
+            ids, mask = left_pad(chunk, self.vocab.pad)  # (b, T): a lone text has no padding
+            budgets = [self._cap(len(p)) for p in chunk] if caps is None else caps
+            if len(chunk) == 1 and isinstance(budgets, list):
+                budgets = budgets[0]  # batch size 1 keeps its own loop
+            generator = torch.Generator().manual_seed(seed + k) if seed is not None else None
+            outs.append(
+                run(
+                    ids,
+                    attention_mask=mask if len(chunk) > 1 else None,
+                    max_new_tokens=budgets,
+                    temperature=temperature,
+                    logits_processor=self.logits_processor,
+                    eos_token_id=self.eos_token_id,
+                    generator=generator,
+                    **call,
+                )
+            )
+        return outs
+
+    def synthesize_batch(
+        self, texts: list[str], voice: str | None = None, decoder: str = "ar", seed: int | None = None,
+        batch_size: int = 8, **kwargs,
+    ) -> list[tuple[np.ndarray, int, GenerationOutput]]:  # fmt: skip
+        """texts -> one (float32 wav, sample rate, GenerationOutput of its row) per text, decoded `batch_size`
+        texts at a time (`generate_batch`), then vocoded one by one."""
+        results = []
+        for out in self.generate_batch(texts, voice, decoder, seed, batch_size=batch_size, **kwargs):
+            for i in range(len(out.row_new_tokens)):
+                row = out.row(i)
+                results.append((*self.vocode(self.units(row)), row))
+        return results
