@@ -284,3 +284,27 @@ def test_shipped_synthesize_batch_equals_synthesize_and_cli(tmp_path):
     assert all((tmp_path / "w" / f"{i:04d}.wav").is_file() for i in range(3))
     with pytest.raises(SystemExit):
         decode.parse_args(argv + ["--batch-size", "0"])
+
+
+@pytest.mark.parametrize("decoder", ["ar", "heads-chain", "feature-shipped"])
+def test_batch_rows_read_top_p(setup, medusa_tree, decoder):
+    """Batched rows apply top-p like single requests: sampling at T=1 with a nucleus of one token (top_p tiny) is
+    greedy decoding, row for row; without top-p the same sampled batch leaves the greedy tokens."""
+    model, _, _, eos = setup
+    run = decoders(setup, medusa_tree)[decoder]
+    greedy = [run(torch.tensor([p]), max_new_tokens=BUDGET, temperature=0, eos_token_id=eos) for p in PROMPTS]
+    ids, mask = left_pad(PROMPTS)
+    sampled = {
+        top_p: run(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=BUDGET,
+            temperature=1.0,
+            eos_token_id=eos,
+            top_p=top_p,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        for top_p in (1e-6, 1.0)
+    }
+    assert all(torch.equal(sampled[1e-6].row_tokens(i), g.tokens) for i, g in enumerate(greedy))
+    assert not all(torch.equal(sampled[1.0].row_tokens(i), g.tokens) for i, g in enumerate(greedy))
