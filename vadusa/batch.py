@@ -60,6 +60,8 @@ def left_pad(prompts, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor
 def check_batch(input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(T,) / (B, T) ids (or a list of equal-length prompts) and an optional 0/1 left-padding mask ->
     ((B, T) long ids, (B, T) long mask or None when nothing is padded). Bad batches raise ValueError."""
+    if input_ids is None:
+        raise ValueError("give the prompt as input_ids or as inputs_embeds")
     if isinstance(input_ids, list | tuple):
         lengths = [len(torch.as_tensor(p).flatten()) for p in input_ids]
         if attention_mask is None and len(set(lengths)) > 1:
@@ -97,6 +99,13 @@ def check_batch(input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Ten
     if empty:
         raise ValueError(f"attention_mask rows {empty} are all zeros: every prompt needs a token")
     return ids, (None if bool(mask.all()) else mask)
+
+
+def embeds_batch(attention_mask) -> tuple[None, None]:
+    """An `inputs_embeds` prompt is one unpadded request: a mask with zeros is refused, naming why."""
+    if attention_mask is not None and not bool((torch.as_tensor(attention_mask) == 1).all()):
+        raise ValueError("an inputs_embeds prompt is one unpadded request: its attention_mask must be all ones")
+    return None, None
 
 
 def check_batch_extras(stopping_criteria) -> None:

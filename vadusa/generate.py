@@ -330,16 +330,17 @@ def generate_ar(
     in transformers); generated tokens go through the model's own input embeddings. `stopping_criteria`
     (transformers' StoppingCriteria) are checked after every token. (B, T) prompts with a left-padding
     `attention_mask` decode as a batch (`vadusa.batch`)."""
-    from .batch import check_batch, check_batch_extras, generate_ar_rows
+    from .batch import check_batch, check_batch_extras, embeds_batch, generate_ar_rows
 
     check_sampling(top_p, min_p)
     processor = as_processor(logits_processor)
-    ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else (None, None)
+    ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else embeds_batch(attention_mask)
     if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
         check_batch_extras(stopping_criteria)
         return generate_ar_rows(model, ids, mask, max_new_tokens, temperature, top_k, eos_token_id, processor,
                                 streamer, generator, top_p, min_p)  # fmt: skip
-    input_ids = ids if mask is None else ids[:, mask[0].bool()]
+    if ids is not None:  # one request: its padding (if any) dropped
+        input_ids = ids if mask is None else ids[:, mask[0].bool()]
     body, out_layer = split_model(model)
     d = _Decoding(model, input_ids, max_new_tokens, 0, eos_token_id, streamer, inputs_embeds, stopping_criteria)
     hidden = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
@@ -494,7 +495,7 @@ def generate(
     left-padding `attention_mask` decode as a batch (`vadusa.batch`): each row accepts its own number of
     tokens per step and stops on its own.
     """
-    from .batch import check_batch, check_batch_extras, generate_rows
+    from .batch import check_batch, check_batch_extras, embeds_batch, generate_rows
 
     check_sampling(top_p, min_p)
     tree = tree if tree is not None else Tree.chain(heads.max_depth)
@@ -502,12 +503,13 @@ def generate(
     heads.check_compatible(model)
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
     processor = as_processor(logits_processor)
-    ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else (None, None)
+    ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else embeds_batch(attention_mask)
     if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
         check_batch_extras(stopping_criteria)
         return generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, top_k, rule, eos_token_id,
                              processor, streamer, generator, top_p, min_p)  # fmt: skip
-    input_ids = ids if mask is None else ids[:, mask[0].bool()]
+    if ids is not None:  # one request: its padding (if any) dropped
+        input_ids = ids if mask is None else ids[:, mask[0].bool()]
     body, out_layer = split_model(model)
     n = len(tree)
     d = _Decoding(model, input_ids, max_new_tokens, n, eos_token_id, streamer, inputs_embeds, stopping_criteria)

@@ -43,7 +43,7 @@ step; the window [y_p, ..., y_{p+n-2}] runs through the student and predicts p+1
 import torch
 
 from ..accept import sample
-from ..batch import Rows, additive, check_batch
+from ..batch import Rows, additive, check_batch, embeds_batch
 from ..generate import (
     GenerationOutput,
     _Decoding,
@@ -195,7 +195,7 @@ def generate(
     split = getattr(model, "base_tokens", None)  # a teacher-prefix student's TwoWayLinear switch
     body, out_layer = split_model(model)
     processor = as_processor(logits_processor)
-    ids, pad_mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else (None, None)
+    ids, pad_mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else embeds_batch(attention_mask)
     if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
         if not (sliding and unmask == "prefix" and not (teacher_prefix or causal_clean)):
             raise ValueError(
@@ -206,7 +206,8 @@ def generate(
         r = Rows(model, ids, pad_mask, max_new_tokens, block_size, eos_token_id, streamer)
         return slide_rows(r, body, out_layer, processor, block_size, threshold, temperature, top_k, generator,
                           int(mask_token_id), top_p, min_p)  # fmt: skip
-    input_ids = ids if pad_mask is None else ids[:, pad_mask[0].bool()]
+    if ids is not None:  # one request: its padding (if any) dropped
+        input_ids = ids if pad_mask is None else ids[:, pad_mask[0].bool()]
     d = _Decoding(model, input_ids, max_new_tokens, block_size, eos_token_id, streamer, inputs_embeds)
     device, dtype = model.device, out_layer.weight.dtype
     masks = MaskBuffer(2 * block_size, d.seq.shape[1], dtype, device)
