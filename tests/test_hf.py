@@ -74,6 +74,26 @@ def test_greedy_custom_generate_equals_model_generate(model_and_heads, prompt):
     assert not torch.equal(plain, reference)  # the processors changed the output: the test can tell
 
 
+@pytest.mark.filterwarnings("ignore:Passing `")
+def test_batched_greedy_custom_generate_equals_model_generate(model_and_heads):
+    """A left-padded batch of 3 prompts (the usual processors but min_new_tokens, rows stopping at different
+    times): the same sequences as transformers' own batched greedy generate, finished rows padded with the pad
+    token as there; min_new_tokens on a padded batch is refused (transformers counts the padding)."""
+    model, heads = model_and_heads
+    prompts = [TEST_PROMPT, TEST_PROMPT[2:], [7, 30, 1, 2, 11, 8, 6]]
+    ids, mask = vadusa.left_pad(prompts)
+    kw = usual_arguments(model, {"input_ids": torch.tensor([TEST_PROMPT])}) | {"min_new_tokens": 0}
+    reference = model.generate(ids, attention_mask=mask, **kw)
+    ours = model.generate(ids, attention_mask=mask, **kw, custom_generate=vadusa.custom_generate, draft_heads=heads,
+                          tree=TREE)  # fmt: skip
+    assert torch.equal(ours, reference), (ours, reference)
+    ends = [(row[ids.shape[1] :] == kw["pad_token_id"]).sum().item() for row in reference]
+    assert len(set(ends)) > 1  # the rows finished at different times
+    with pytest.raises(ValueError, match="MinNewTokensLengthLogitsProcessor"):
+        model.generate(ids, attention_mask=mask, **(kw | {"min_new_tokens": 5}), custom_generate=vadusa.custom_generate,
+                       draft_heads=heads)  # fmt: skip
+
+
 class StopAfter(StoppingCriteria):
     def __init__(self, token):
         self.token = token
@@ -153,8 +173,10 @@ def test_bad_calls_raise(model_and_heads):
         model.generate(ids, num_beams=2, draft_heads=heads, **call)
     with pytest.raises(ValueError, match="assistant_model"):
         model.generate(ids, assistant_model=model, draft_heads=heads, **call)
-    with pytest.raises(ValueError, match="batch size 1 for now"):
-        model.generate(ids.repeat(2, 1), draft_heads=heads, **call)
+    with pytest.raises(ValueError, match="inputs_embeds one prompt at a time, got 2 rows"):
+        model.generate(inputs_embeds=torch.zeros(2, 3, 64), draft_heads=heads, **call)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.generate(ids.repeat(2, 1), attention_mask=torch.tensor([[1] * 5 + [0]] * 2), draft_heads=heads, **call)
     with pytest.raises(ValueError, match="needs draft_heads"):
         model.generate(ids, **call)
     other = fitted_heads(tiny_llama(vocab=40), steps=1)

@@ -11,6 +11,9 @@ its meaning: the prepared processors (repetition penalty, n-gram ban, min new to
 the user's own) run at every tree node with that node's history, and the trailing warpers (temperature, top-k,
 top-p, min-p) become the engine's own options, applied once in `scores_to_probs`, never twice.
 
+A left-padded batch (`input_ids` (B, T) + `attention_mask`) decodes through `vadusa.batch`, each row accepting
+its own tokens per step; finished rows end in the pad token, as in transformers.
+
 `generate` hands neither `streamer` nor `assistant_model` to a callable; both are read from its frame (the
 caller), so a streamer streams and an assistant model is refused instead of ignored.
 """
@@ -27,6 +30,8 @@ from transformers.generation import (
     EosTokenCriteria,
     GenerateDecoderOnlyOutput,
     MaxLengthCriteria,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     SuppressTokensLogitsProcessor,
@@ -95,13 +100,14 @@ def split_warpers(processors) -> tuple[list, dict]:
 
 def per_node(processor):
     """A processor ready for the engine's per-node calls (rows = tree nodes, not batch rows): history-free ones
-    are marked so, and a repetition penalty's one-row prompt_ignore_length tensor becomes the int it means."""
+    are marked so. A repetition penalty's prompt_ignore_length tensor is what generate builds from the
+    attention mask (each row's left padding); the engine's histories never hold padding, so it is dropped."""
     if type(processor) in HISTORY_FREE:
         return _HistoryFree(processor)
     ignore = getattr(processor, "prompt_ignore_length", None)
-    if isinstance(processor, RepetitionPenaltyLogitsProcessor) and torch.is_tensor(ignore) and ignore.numel() == 1:
+    if isinstance(processor, RepetitionPenaltyLogitsProcessor) and torch.is_tensor(ignore):
         processor = copy.copy(processor)
-        processor.prompt_ignore_length = int(ignore)
+        processor.prompt_ignore_length = None
     return processor
 
 
@@ -142,25 +148,47 @@ def resolve_draft(model, draft_heads):
     return draft_heads
 
 
-def check_call(generation_config, input_ids, model_kwargs, assistant_model) -> None:
+def check_call(generation_config, input_ids, model_kwargs, assistant_model, streamer) -> None:
     """Refuse what the engine cannot do yet, with the argument named."""
     if generation_config.num_beams is not None and generation_config.num_beams > 1:
         raise ValueError(f"custom_generate decodes with one sequence: num_beams must be 1, got "
                          f"{generation_config.num_beams}")  # fmt: skip
     if assistant_model is not None:
         raise ValueError("custom_generate drafts with its own draft heads: drop assistant_model")
-    batch = model_kwargs["inputs_embeds"].shape[0] if "inputs_embeds" in model_kwargs else input_ids.shape[0]
-    if batch != 1:
-        raise ValueError(f"custom_generate supports batch size 1 for now (num_return_sequences 1), got {batch} rows")
-    mask = model_kwargs.get("attention_mask")
-    if mask is not None and not bool((mask == 1).all()):
-        raise ValueError("custom_generate: a one-row prompt needs no padding, got an attention_mask with zeros")
+    if "inputs_embeds" in model_kwargs and model_kwargs["inputs_embeds"].shape[0] != 1:
+        rows = model_kwargs["inputs_embeds"].shape[0]
+        raise ValueError(f"custom_generate takes inputs_embeds one prompt at a time, got {rows} rows (batch input_ids)")
+    if input_ids is not None and input_ids.shape[0] > 1 and streamer is not None:
+        raise ValueError(f"a streamer follows one sequence, got a batch of {input_ids.shape[0]} prompts")
     cache = model_kwargs.get("past_key_values")
     if getattr(cache, "_is_user_defined", False) and cache.get_seq_length() > 0:
         raise ValueError("custom_generate starts from the prompt: pass no filled past_key_values")
     asked = [name for name in UNSUPPORTED_OUTPUTS if getattr(generation_config, name, False)]
     if asked and generation_config.return_dict_in_generate:
         raise ValueError(f"custom_generate returns sequences only: {asked} are not supported")
+
+
+def padded_batch_processors(processors, attention_mask) -> list:
+    """The engine's per-row histories hold no padding, while transformers counts min_length / min_new_tokens
+    over the padded rows. On a left-padded batch, such processors that never bite there (min_length within the
+    padded prompt width, min_new_tokens 0) are dropped; ones that would are refused, naming them."""
+    if attention_mask is None or bool((attention_mask == 1).all()):
+        return processors
+    width, kept, refused = attention_mask.shape[1], [], []
+    for p in processors:
+        if isinstance(p, MinLengthLogitsProcessor) and p.min_length <= width:
+            continue  # the padded length is never below it
+        if isinstance(p, MinNewTokensLengthLogitsProcessor) and p.min_new_tokens <= 0:
+            continue
+        if isinstance(p, MinLengthLogitsProcessor | MinNewTokensLengthLogitsProcessor):
+            refused.append(type(p).__name__)
+        kept.append(p)
+    if refused:
+        raise ValueError(
+            f"custom_generate on a left-padded batch does not take {refused} (min_length / min_new_tokens count "
+            "padding in transformers): decode such prompts one at a time, or unpadded"
+        )
+    return kept
 
 
 def native_stops(stopping_criteria, max_length: int) -> tuple[int, list[int] | None, StoppingCriteriaList | None]:
@@ -204,7 +232,7 @@ def custom_generate(
     caller = caller_arguments()
     streamer = streamer if streamer is not None else caller.get("streamer")
     config = generation_config if generation_config is not None else model.generation_config
-    check_call(config, input_ids, model_kwargs, caller.get("assistant_model"))
+    check_call(config, input_ids, model_kwargs, caller.get("assistant_model"), streamer)
     heads = resolve_draft(model, draft_heads)
     heads_dir = Path(draft_heads) if isinstance(draft_heads, str | Path) else None
     resolved = resolve_tree(tree, heads, heads_dir, acceptance, tolerance)
@@ -216,6 +244,7 @@ def custom_generate(
     if eos is None and config.eos_token_id is not None:
         eos = config.eos_token_id
     embeds = model_kwargs.get("inputs_embeds")
+    processors = padded_batch_processors(processors, model_kwargs.get("attention_mask") if embeds is None else None)
     ids = input_ids if input_ids is not None and input_ids.shape[-1] > 0 else None
     out = generate(
         model,
@@ -233,13 +262,26 @@ def custom_generate(
         typical_alpha=typical_alpha,
         inputs_embeds=embeds,
         stopping_criteria=others,
+        attention_mask=model_kwargs.get("attention_mask") if embeds is None else None,
         **sampling,
     )
+    sequences = pad_finished(out, config, eos)
     if not config.return_dict_in_generate:
-        return out.sequences
+        return sequences
     return VadusaGenerateOutput(
-        sequences=out.sequences, forward_passes=out.forward_passes, accepted_lengths=out.accepted_lengths
+        sequences=sequences, forward_passes=out.forward_passes, accepted_lengths=out.accepted_lengths
     )
+
+
+def pad_finished(out, config: GenerationConfig, eos) -> torch.Tensor:
+    """A batch's rows that finished early end in transformers' pad token (its EOS when none is set), as there."""
+    if out.sequences.shape[0] == 1:
+        return out.sequences
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    sequences, width = out.sequences.clone(), out.sequences.shape[1] - max(out.row_new_tokens)
+    for i, new in enumerate(out.row_new_tokens):
+        sequences[i, width + new :] = 0 if pad is None else pad
+    return sequences
 
 
 def sampling_config(max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, **extra) -> GenerationConfig:
