@@ -88,6 +88,7 @@ def total_variation(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["heads", "feature"])
 def test_lossless_matches_autoregressive_joint_distribution(kind):
     """Joint of the first 3 tokens (8^3 outcomes) from lossless VADUSA vs the exact AR joint.

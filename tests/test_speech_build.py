@@ -28,6 +28,7 @@ def build(out: Path, work: Path, *extra: str) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_quick_build_end_to_end_and_resume(tmp_path):
     out, work = tmp_path / "demo", tmp_path / "work"
     build(out, work)
