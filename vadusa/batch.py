@@ -345,7 +345,7 @@ class BatchDraftSession:
         b, m = tokens.shape
         d, h, dh = self.dim, self.heads, self.dh
         start, end = self.lengths, self.lengths + counts
-        feats = feats.to(self.w.feat_proj.dtype)  # the base's states, in the base's dtype
+        feats = feats.to(self.w.feat_proj.dtype)  # the base's states, cast to the drafter's dtype
         x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (B, m, D)
         xn = torch.nn.functional.normalize(x, dim=-1)
         kv = xn @ self.w.w_kv  # (B, m, 3D): k, v, rot(k)

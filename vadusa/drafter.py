@@ -411,7 +411,7 @@ class DraftSession:
         alone: the same cache, a fraction of the work."""
         n, start, d, h, dh = tokens.shape[0], self.length, self.dim, self.heads, self.dh
         end = start + n
-        feats = feats.to(self.w.feat_proj.dtype)  # the base's states, in the base's dtype
+        feats = feats.to(self.w.feat_proj.dtype)  # the base's states, cast to the drafter's dtype
         x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (n, D)
         xn = nn.functional.normalize(x, dim=-1)
         kv = xn @ self.w.w_kv  # (n, 3D): k, v, rot(k)
