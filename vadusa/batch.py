@@ -32,6 +32,7 @@ from .generate import (
     eos_set,
     follow,
     node_probs,
+    output_logits,
     reads_history,
     scores_to_probs,
     split_model,
@@ -266,10 +267,11 @@ def prefill(body, r: Rows, dtype) -> torch.Tensor:
 
 
 def row_probs(logits, r: Rows, processor, temperature: float, top_k, top_p=1.0, min_p=0.0) -> torch.Tensor:
-    """(B, V) logits of each active row's next token -> (B, V) probabilities, processors on each row's history."""
+    """(B, V) float32 logits of each active row's next token -> (B, V) probabilities, processors on each row's
+    history."""
     if processor is None or not reads_history(processor):
         return scores_to_probs(logits, r.seq[:1, :1], processor, temperature, top_k, top_p, min_p)
-    scores = torch.stack([processor(r.history(i), logits[i : i + 1].float())[0] for i in range(r.active)])
+    scores = torch.stack([processor(r.history(i), logits[i : i + 1])[0] for i in range(r.active)])
     return scores_to_probs(scores, r.seq[:1, :1], None, temperature, top_k, top_p, min_p)
 
 
@@ -282,7 +284,7 @@ def generate_ar_rows(model, ids, mask, max_new_tokens, temperature, top_k, eos_t
     dtype = out_layer.weight.dtype
     hidden = prefill(body, r, dtype)[:, -1]  # (B, D)
     while True:
-        probs = row_probs(out_layer(hidden), r, processor, temperature, top_k, top_p, min_p)  # (B, V)
+        probs = row_probs(output_logits(out_layer, hidden), r, processor, temperature, top_k, top_p, min_p)  # (B, V)
         tokens = probs.argmax(-1) if temperature == 0 else sample(probs, generator)[:, 0]  # (B,)
         r.emit([[t] for t in tokens.tolist()], step=r.forward_passes > 1)
         r.drop_finished()
@@ -343,6 +345,7 @@ class BatchDraftSession:
         b, m = tokens.shape
         d, h, dh = self.dim, self.heads, self.dh
         start, end = self.lengths, self.lengths + counts
+        feats = feats.to(self.w.feat_proj.dtype)  # the base's states, cast to the drafter's dtype
         x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (B, m, D)
         xn = torch.nn.functional.normalize(x, dim=-1)
         kv = xn @ self.w.w_kv  # (B, m, 3D): k, v, rot(k)
@@ -429,7 +432,8 @@ def draft_rows(heads, hidden, roots, tree, r: Rows, processor) -> torch.Tensor:
 def rows_node_probs(
     logits, tokens, r: Rows, buffers, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
 ) -> torch.Tensor:
-    """(B, n, V) logits of every row's tree -> (B, n, V) probabilities, processors on each node's own history."""
+    """(B, n, V) float32 logits of every row's tree -> (B, n, V) probabilities, processors on each node's own
+    history."""
     if processor is None or not reads_history(processor):
         flat = scores_to_probs(logits.flatten(0, 1), r.seq[:1, :1], processor, temperature, top_k, top_p, min_p)
         return flat.view(logits.shape)
@@ -457,13 +461,13 @@ def generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, to
 
     prompt_states = prefill(body, r, dtype)  # (B, T, D)
     hidden = prompt_states[:, -1]  # (B, D)
-    probs = row_probs(out_layer(hidden), r, processor, temperature, top_k, top_p, min_p)  # (B, V)
+    probs = row_probs(output_logits(out_layer, hidden), r, processor, temperature, top_k, top_p, min_p)  # (B, V)
     no_children = torch.empty(r.active, 0, dtype=torch.long, device=device)
     r.emit([[t] for t in rule.batch(probs, no_children, rule.uniforms(r.active, 0, generator, device))[1].tolist()],
            step=False)  # fmt: skip
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's cache: rows (x_{j+1}, f_j) of each row's prompt, the root's last
-        plan = tree_plan(tree, dtype)
+        plan = tree_plan(tree, heads.dtype)
         session = BatchDraftSession(heads, model, r.active, r.capacity)
         index = (r.pad[:, None] + torch.arange(r.width, device=device)).clamp(max=r.width - 1)  # (B, T) left-aligned
         root_feats = session.commit(
@@ -495,7 +499,8 @@ def generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, to
         ).last_hidden_state  # (B, n, D)
         r.forward_passes += 1
 
-        probs = rows_node_probs(out_layer(states), tokens, r, buffers, processor, temperature, top_k, top_p, min_p)
+        logits = output_logits(out_layer, states)  # (B, n, V)
+        probs = rows_node_probs(logits, tokens, r, buffers, processor, temperature, top_k, top_p, min_p)
         child_tokens = torch.where(valid, tokens[:, buffers.child_index.clamp(min=0)], -1)  # (B, n, C)
         u = rule.uniforms(r.active * n, width, generator, device)
         index, next_token = rule.batch(probs.flatten(0, 1), child_tokens.flatten(0, 1), u)

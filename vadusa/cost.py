@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .cache import BufferCache, num_decoder_layers
-from .generate import split_model, verify
+from .generate import output_logits, split_model, verify
 from .tree import Tree
 
 
@@ -46,7 +46,7 @@ def verify_pass(model, n: int, prefix_len: int = 128) -> Callable[[], None]:
     @torch.no_grad()
     def run():
         states = verify(body, tokens, bias, depths, mask, cache, prefix_len)
-        out_layer(states[0])  # the walk reads at least the root's logits
+        output_logits(out_layer, states[0])  # the walk reads at least the root's logits
         cache.crop(-n)
 
     return run
@@ -123,7 +123,8 @@ def step_parts(model, drafter, tree: Tree, logits_processor=None, prefix_len: in
 
     @torch.no_grad()
     def walk_():
-        probs = node_probs(out_layer(state["states"]), state["tokens"], history, buffers, processor, 1.0, None)
+        logits = output_logits(out_layer, state["states"])  # (n, V)
+        probs = node_probs(logits, state["tokens"], history, buffers, processor, 1.0, None)
         walk(probs, state["tokens"], buffers, rule, rule.uniforms(n, buffers.child_index.shape[1], g))
 
     @torch.no_grad()
@@ -169,7 +170,7 @@ def ar_step(model, logits_processor=None, prefix_len: int = 128):
     @torch.no_grad()
     def run():
         hidden = body(input_ids=prefix[:, -1:], past_key_values=cache, use_cache=True).last_hidden_state[0, -1]
-        sample(logits_to_probs(out_layer(hidden), prefix, processor, 1.0, None))
+        sample(logits_to_probs(output_logits(out_layer, hidden), prefix, processor, 1.0, None))
         cache.crop(-1)
 
     return run

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, save_artifact
+from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, reduced_precision, save_artifact
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
 
@@ -119,14 +119,14 @@ class FeatureDrafter(nn.Module):
         return drafter.to(model.get_output_embeddings().weight.device)
 
     def check_compatible(self, model) -> None:
-        """Raise a clear error if this drafter was trained for another base."""
+        """Raise a clear error if this drafter was trained for another base (by shape alone in reduced precision)."""
         hidden, vocab, name = model_dims(model)
         c = self.config
         if c.hidden_size != hidden:
             raise ValueError(f"feature drafter was trained for hidden size {c.hidden_size}, the model has {hidden}")
         if c.vocab_size != vocab:
             raise ValueError(f"feature drafter was trained for vocabulary size {c.vocab_size}, the model has {vocab}")
-        if c.base_fingerprint and c.base_fingerprint != base_fingerprint(model):
+        if c.base_fingerprint and c.base_fingerprint != base_fingerprint(model) and not reduced_precision(model):
             raise ValueError(
                 f"feature drafter was trained for base {c.base_model!r} (output layer {c.base_fingerprint}), "
                 f"this model's output layer is {base_fingerprint(model)}: train a drafter for it"
@@ -411,6 +411,7 @@ class DraftSession:
         alone: the same cache, a fraction of the work."""
         n, start, d, h, dh = tokens.shape[0], self.length, self.dim, self.heads, self.dh
         end = start + n
+        feats = feats.to(self.w.feat_proj.dtype)  # the base's states, cast to the drafter's dtype
         x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (n, D)
         xn = nn.functional.normalize(x, dim=-1)
         kv = xn @ self.w.w_kv  # (n, 3D): k, v, rot(k)

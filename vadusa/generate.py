@@ -172,6 +172,16 @@ def check_sampling(top_p: float, min_p: float) -> None:
         raise ValueError(f"min_p must be in [0, 1] (0: off), got {min_p!r}")
 
 
+def output_logits(out_layer, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., D) last hidden states -> (..., V) float32 logits: the one place logits leave the model.
+
+    The output layer runs in the model's dtype and its logits are upcast here, once, as transformers' generate
+    does before its processors: logits processors, temperature, top-k / top-p / min-p, the softmax and every
+    acceptance rule then work in float32 whatever the model's dtype (bfloat16 or float16 probabilities would
+    round a top-p nucleus, a min-p cut or a typical threshold). The upcast is exact, so argmaxes do not move."""
+    return out_layer(hidden).float()
+
+
 def scores_to_probs(
     scores: torch.Tensor,
     history: torch.Tensor,
@@ -181,8 +191,8 @@ def scores_to_probs(
     top_p: float = 1.0,
     min_p: float = 0.0,
 ) -> torch.Tensor:
-    """(N, V) logits -> (N, V) probabilities: logits processors (row i reading history[i]), then temperature,
-    then top-k, then top-p, then min-p.
+    """(N, V) float32 logits (`output_logits`) -> (N, V) float32 probabilities: logits processors (row i reading
+    history[i]), then temperature, then top-k, then top-p, then min-p.
 
     The order is transformers' own (processors, then its warpers in this order), so `generate_ar` samples
     exactly what `model.generate(do_sample=True, temperature=T, top_k=K, top_p=P, min_p=M)` samples, and every
@@ -190,7 +200,8 @@ def scores_to_probs(
     distribution is the softmax of the processed scores and decoders take its argmax (the warpers never remove
     the argmax, so they are skipped).
     """
-    scores = scores.float()
+    if scores.dtype != torch.float32:
+        raise TypeError(f"scores must be float32 (pass logits through output_logits), got {scores.dtype}")
     if processor is not None:
         scores = processor(history.expand(scores.shape[0], -1), scores)
     if temperature > 0:
@@ -208,7 +219,7 @@ def scores_to_probs(
 def logits_to_probs(
     scores: torch.Tensor, history: torch.Tensor, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
 ) -> torch.Tensor:
-    """(V,) logits -> (V,) probabilities (`scores_to_probs` of one row)."""
+    """(V,) float32 logits -> (V,) probabilities (`scores_to_probs` of one row)."""
     return scores_to_probs(scores[None], history, processor, temperature, top_k, top_p, min_p)[0]
 
 
@@ -346,7 +357,8 @@ def generate_ar(
     hidden = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0, -1]  # (D,)
     d.forward_passes = 1
     while True:
-        probs = logits_to_probs(out_layer(hidden), d.history(), processor, temperature, top_k, top_p, min_p)
+        logits = output_logits(out_layer, hidden)  # (V,)
+        probs = logits_to_probs(logits, d.history(), processor, temperature, top_k, top_p, min_p)
         d.emit([draw(probs, temperature, generator)])
         if d.done:
             return d.output()
@@ -424,16 +436,16 @@ def walk_buffers(tree: Tree, device) -> WalkBuffers:
 def node_probs(
     logits, tokens, history, buffers: WalkBuffers, processor, temperature: float, top_k, top_p=1.0, min_p=0.0
 ) -> torch.Tensor:
-    """(n, V) logits of every tree node -> (n, V) probabilities, each node's processors reading the history it
+    """(n, V) float32 logits of every tree node -> (n, V) probabilities, each node's processors reading the history it
     would have in AR decoding (prefix + its path): one processor call per depth, softmax once. Processors that
     all declare `reads_history = False` (they ignore input_ids) are called once on every node."""
     if processor is None or not reads_history(processor):
         return scores_to_probs(logits, history, processor, temperature, top_k, top_p, min_p)
-    scores = torch.empty_like(logits, dtype=torch.float32)  # (n, V)
+    scores = torch.empty_like(logits)  # (n, V)
     for d, nodes in enumerate(buffers.by_depth):
         path = tokens[buffers.ancestors[nodes, :d]]  # (n_d, d)
         rows = torch.cat([history.expand(len(nodes), -1), path], dim=1)  # (n_d, T + d)
-        scores[nodes] = processor(rows, logits[nodes].float())
+        scores[nodes] = processor(rows, logits[nodes])
     return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
 
@@ -488,8 +500,15 @@ def generate(
 ) -> GenerationOutput:
     """Draft -> verify -> accept decoding (VADUSA). `tree` defaults to the top-1 chain over all heads.
 
-    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding. Top-p and
-    min-p (as transformers' warpers) shape the base distribution every rule reads, so lossless stays exact.
+    At temperature 0 every rule is greedy, and the output equals greedy auto-regressive decoding (in float32,
+    token for token). In bfloat16 it can leave it: a verification pass computes several rows at once, whose
+    rounding differs from one-row AR steps, so a near-tie between the two best tokens can flip and the texts
+    then continue apart (measured on the demo LM over 30 texts: 7 differ from bfloat16 AR, the earliest at
+    token 9, with the same CER; float16 matched float32 AR on all 30: benchmarks/precision.py, README).
+    Probabilities are float32 whatever the model's dtype (`output_logits`).
+
+    Top-p and min-p (as transformers' warpers) shape the base distribution every rule reads, so lossless stays
+    exact.
     The prompt may be `inputs_embeds` (1, T, D), as in `generate_ar` (a feature drafter then sees the prompt's
     last state only); `stopping_criteria` are checked after every emitted token. (B, T) prompts with a
     left-padding `attention_mask` decode as a batch (`vadusa.batch`): each row accepts its own number of
@@ -525,11 +544,11 @@ def generate(
     prompt_states = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
     hidden = prompt_states[-1]  # (D,)
     d.forward_passes = 1
-    probs = logits_to_probs(out_layer(hidden), d.history(), processor, temperature, top_k, top_p, min_p)
+    probs = logits_to_probs(output_logits(out_layer, hidden), d.history(), processor, temperature, top_k, top_p, min_p)
     d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's own cache: rows (x_{j+1}, f_j) of the prompt, the root's last
-        session, plan = DraftSession(heads, model, d.seq.shape[1]), tree_plan(tree, dtype)
+        session, plan = DraftSession(heads, model, d.seq.shape[1]), tree_plan(tree, heads.dtype)
         skip = max(d.history_start - 1, 0)  # an embeddings prompt has no token ids: commit its last row alone
         root_feat = session.commit(d.seq[0, 1 + skip : d.length], prompt_states[skip:])  # (D,)
     while not d.done:
@@ -544,7 +563,7 @@ def generate(
         states = verify(body, tokens, tree_bias, depths, mask, d.cache, past)  # (n, D)
         d.forward_passes += 1
 
-        logits = out_layer(states)  # (n, V)
+        logits = output_logits(out_layer, states)  # (n, V)
         probs = node_probs(logits, tokens, history, buffers, processor, temperature, top_k, top_p, min_p)  # (n, V)
         path, next_root = walk(probs, tokens, buffers, rule, rule.uniforms(n, width, generator, device))
 

@@ -71,6 +71,13 @@ def model_dims(model) -> tuple[int, int, str]:
     return hidden, vocab, str(getattr(model.config, "_name_or_path", "") or "")
 
 
+def reduced_precision(model) -> bool:
+    """Whether the model's output layer is held in bfloat16 or float16. A fingerprint of its float32 weights
+    (a feature drafter's, a block adapter's) cannot be recomputed from the rounded ones, so an artifact trained on
+    the float32 base is then checked by shape alone."""
+    return model.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+
+
 class DraftHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()

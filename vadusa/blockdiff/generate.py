@@ -49,6 +49,7 @@ from ..generate import (
     _Decoding,
     as_processor,
     check_sampling,
+    output_logits,
     reads_history,
     scores_to_probs,
     split_model,
@@ -70,13 +71,12 @@ def check_block_options(block_size, threshold, unmask="any") -> None:
 def block_probs(
     logits, history, processor, temperature: float, top_k: int | None, mask_token_id: int, top_p=1.0, min_p=0.0
 ) -> torch.Tensor:
-    """(k, V) logits -> (k, V) probabilities: processors, then temperature, top-k, top-p, min-p (`scores_to_probs`).
+    """(k, V) float32 logits (`output_logits`) -> (k, V) probabilities: processors, then temperature, top-k,
+    top-p, min-p (`scores_to_probs`).
 
     The mask token is never a target: its probability is 0.
     """
-    scores = logits.float()
-    if processor is not None:
-        scores = processor(history.expand(scores.shape[0], -1), scores)
+    scores = logits if processor is None else processor(history.expand(logits.shape[0], -1), logits)
     scores[:, mask_token_id] = float("-inf")
     return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
@@ -217,8 +217,8 @@ def generate(
     reusable = not (teacher_prefix or causal_clean)
 
     def probs_of(rows):  # (k, D) hidden rows -> (k, V) probabilities of their targets
-        history = d.history()
-        return block_probs(out_layer(rows), history, processor, temperature, top_k, mask_token_id, top_p, min_p)
+        logits, history = output_logits(out_layer, rows), d.history()  # (k, V)
+        return block_probs(logits, history, processor, temperature, top_k, mask_token_id, top_p, min_p)
 
     if (approximate_cache or sliding) and not reusable:
         name = "sliding" if sliding else "approximate_cache"
@@ -374,7 +374,7 @@ def slide_rows(r: Rows, body, out_layer, processor, size: int, threshold, temper
             use_cache=True,
         ).last_hidden_state  # (B, c + W, D)
         rows = [hidden[i, commit + widths[i] - n[i] : commit + widths[i]] for i in range(r.active)]  # (n_i, D) each
-        logits = out_layer(torch.cat(rows))  # (sum n, V)
+        logits = output_logits(out_layer, torch.cat(rows))  # (sum n, V)
         if per_row:
             parts = logits.split(n)
             probs = torch.cat([block_probs(x, r.history(i), processor, temperature, top_k, mask_token_id, top_p, min_p)

@@ -33,6 +33,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from ..heads import reduced_precision
+
 CONFIG_NAME = "block_config.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -123,14 +125,16 @@ def save_adapter(student, config: BlockConfig, directory: str | os.PathLike) -> 
 
 
 def check_adapter(model, directory: Path) -> BlockConfig:
-    """The adapter's BlockConfig, after checking that it exists and was made for this base model."""
+    """The adapter's BlockConfig, after checking that it exists and was made for this base model (by vocabulary
+    alone when the base is in bfloat16 / float16: `reduced_precision`)."""
     directory = Path(directory)
     missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(f"block adapter directory {directory} lacks {missing}")
     config = BlockConfig.load(directory)
     vocab = model.get_input_embeddings().weight.shape[0]
-    if config.vocab_size != vocab or config.base_fingerprint != base_fingerprint(model):
+    other_base = config.base_fingerprint != base_fingerprint(model) and not reduced_precision(model)
+    if config.vocab_size != vocab or other_base:
         raise ValueError(
             f"the block adapter in {directory} was distilled for another base model (fingerprint "
             f"{config.base_fingerprint}, vocabulary {config.vocab_size}); this model has fingerprint "
