@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import distributed
+from .artifacts import read_lines
 from .drafter import FeatureDrafter
 from .generate import as_processor, split_model
 from .heads import DraftHeads
@@ -106,13 +107,7 @@ class TrainConfig:
 # ----- prompts -----
 def read_prompts(path: str | os.PathLike, encode=None) -> list:
     """Non-empty lines of a text file (optionally mapped through `encode`); missing or empty files raise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"prompt file {path} has no non-empty line: need at least one text prompt")
+    lines = read_lines(path, "prompt file")
     return [encode(line) for line in lines] if encode else lines
 
 
