@@ -300,3 +300,22 @@ def test_config_from_json_and_read_lines(tmp_path):
         read_lines(empty)
     with pytest.raises(FileNotFoundError, match="it is a directory"):
         read_lines(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "expected"),
+    [
+        (train_heads.main, ["--demo", "--out", "h", "--temperature", "-1"], "temperature must be a finite number"),
+        (train_heads.main, ["--demo", "--out", "h", "--lr", "nan"], "lr must be a finite number >= 0, got nan"),
+        (train_heads.main, ["--demo", "--out", "h", "--checkpoint-every", "0"], "checkpoint_every must be an integer"),
+        (train_heads.main, ["--model", "/no-such-dir", "--out", "h"], "--model /no-such-dir is not a directory"),
+        (train_block.main, ["--demo", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+        (train_block.main, ["--demo", "--teacher-temperature", "inf"], "temperature must be a finite number"),
+        (train_block.main, ["--demo", "--block-size", "0"], "block_size and start_block_size must be >= 1"),
+        (train_block.main, ["--model", "/no-such-dir", "--prompts", "p"], "--model /no-such-dir is not a directory"),
+    ],
+)
+def test_training_options_fail_before_loading(capsys, monkeypatch, main, argv, expected):
+    monkeypatch.setattr(train_heads, "load_base", lambda *a: pytest.fail("loaded the base"))
+    monkeypatch.setattr(train_block, "demo_task", lambda *a: pytest.fail("loaded the base"))
+    assert expected in one_error_line(capsys, main(argv))

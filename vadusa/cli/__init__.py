@@ -13,7 +13,9 @@ arguments (`Parser`) and the errors the library raises for bad values, files and
 
 import argparse
 import functools
+import inspect
 import sys
+from pathlib import Path
 
 # What the library raises for a user's bad value, text, file or artifact. TypeError is not here: the library
 # raises ValueError for bad values read from the command line or from files, so a TypeError is a bug.
@@ -49,8 +51,8 @@ def reports_user_errors(main):
 
 
 def prog_name(main) -> str:
-    """`decode.py`, `train_heads.py`, ... : the script name a user typed, from the CLI module's name."""
-    return main.__module__.rpartition(".")[2] + ".py"
+    """`decode.py`, `train_heads.py`, ... : the name of the CLI's file (also under `python -m`)."""
+    return Path(inspect.getfile(main)).name
 
 
 def positive_int(text: str) -> int:

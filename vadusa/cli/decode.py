@@ -135,6 +135,15 @@ def check_args(args) -> None:
             raise NotADirectoryError(f"{flag}: {path} is a file, not a directory")
 
 
+def write_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
+    """Write a wav (its directory made); a path libsndfile cannot open is the user's: an OSError naming it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        soundfile.write(str(path), wav, sample_rate)
+    except soundfile.LibsndfileError as e:
+        raise PermissionError(f"cannot write {path}: {e.error_string}") from e
+
+
 def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, out=None) -> dict:
     """Synthesise one text (or vocode its decoder output `out`), write its wav, return its stats row."""
     if out is None:
@@ -147,8 +156,7 @@ def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, out=None) ->
     start = time.perf_counter()
     wav, sr = pipe.vocode(pipe.units(out))
     vocode_seconds = time.perf_counter() - start
-    wav_path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(wav_path), wav, sr)
+    write_wav(wav_path, wav, sr)
     voice = args.voice or pipe.voices[0]
     return text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
                       len(wav) / sr, out, vocode_seconds)  # fmt: skip
@@ -173,8 +181,7 @@ def speak_streamed(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, opt
     chunks = list(stream)
     wav = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     sr = stream.sample_rate
-    wav_path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(wav_path), wav, sr)
+    write_wav(wav_path, wav, sr)
     out, voice = stream.output, args.voice or pipe.voices[0]
     row = text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
                      len(wav) / sr, out, stream.seconds - out.seconds)  # fmt: skip

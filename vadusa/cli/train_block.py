@@ -90,9 +90,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None and args.prompts is None:
         parser.error("--model needs --prompts")
-    if args.corpus is not None and not args.corpus.is_dir():
-        raise NotADirectoryError(f"--corpus {args.corpus} is not a directory")
+    for flag, path in (("--corpus", args.corpus), ("--model", args.model), ("--lm-dir", args.demo and args.lm_dir)):
+        if path and not path.is_dir():
+            raise NotADirectoryError(f"{flag} {path} is not a directory")
     prompts = read_json(args.prompts) if args.model is not None else None
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # checked here
     torch.set_num_threads(args.threads)
     world = distributed.init()  # torchrun's process group; world size 1 (nothing initialised) under plain python
 
@@ -108,7 +110,6 @@ def main(argv=None) -> int:
             None,
         )
 
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     adapter = train(model.to(distributed.device()), prompts, config, mask_id, eos_id, processor, resume=args.resume)
     distributed.teardown()
     if not world.is_main:

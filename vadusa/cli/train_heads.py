@@ -99,6 +99,8 @@ def main(argv=None):
         p.error("--prompts and --train need --cache DIR (the base's cached states)")
     if (args.accuracy or args.measure) and args.heldout is None:
         p.error("--accuracy and --measure need --heldout FILE")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise NotADirectoryError(f"--model {args.model} is not a directory (a transformers causal LM)")
     tolerances = parse_ints(p, "--tolerances", args.tolerances)
     sweep_sizes = parse_ints(p, "--sweep-sizes", args.sweep_sizes)
     # every file is read before the base is loaded: a bad one fails at once
