@@ -180,7 +180,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("script", "argv", "expected"),
     [
-        ("decode.py", ["Hello.", "-o", "x.wav", "--temperature", "-1"], "decode.py: error: temperature must be"),
+        ("decode.py", ["Hello.", "-o", "x.wav", "--temperature", "-1"], "error: temperature must be"),
     ],
 )
 def test_subprocess_exit_status_and_one_line(tmp_path, script, argv, expected):
