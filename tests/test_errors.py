@@ -54,7 +54,6 @@ BAD_VALUES = [
     ("tolerance", True),
     ("max_new_tokens", 0),
     ("max_new_tokens", 2.5),
-    ("max_new_tokens", [3, 0]),
     ("typical_epsilon", 1.5),
     ("typical_alpha", -0.1),
     ("threshold", 0.0),
@@ -69,6 +68,13 @@ BAD_VALUES = [
 def test_check_values_names_the_bad_option(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be .*, got {re.escape(repr(value))}$"):
         check_values(**{name: value})
+
+
+def test_check_values_names_the_bad_row_of_a_batch():
+    with pytest.raises(ValueError, match=r"^max_new_tokens\[1\] must be an integer >= 1 .*, got 0$"):
+        check_values(max_new_tokens=[3, 0])
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be .*, got \[\]$"):
+        check_values(max_new_tokens=[])
 
 
 def test_check_values_accepts_good_and_off_values():
