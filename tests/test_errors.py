@@ -154,6 +154,9 @@ def test_decode_paths_are_checked_first(capsys, tmp_path, monkeypatch):
     ]
     for argv, expected in cases:
         assert expected in one_error_line(capsys, decode.main(argv)), argv
+    texts.write_text("Hello there.\nI have 3 cats.\n")
+    err = one_error_line(capsys, decode.main(["--texts", str(texts), "--out-dir", str(tmp_path / "w")]))
+    assert f"{texts}, text 2: text contains unsupported character(s) ['3']" in err
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"Hello.\nBad \xff byte.\n")
     err = one_error_line(capsys, decode.main(["--texts", str(bad), "--out-dir", str(tmp_path)]))
