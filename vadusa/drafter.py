@@ -23,7 +23,6 @@ attention a depth-s tree node has at decoding time. Tokens along the chain are t
 node's children only matter once the node was accepted, i.e. once its token is one the base emits.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from . import formats
+from .artifacts import config_from_json, read_json_object
 from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, reduced_precision, save_artifact
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
@@ -55,6 +55,11 @@ class DrafterConfig:
             self.intermediate_size = 2 * self.hidden_size
         if self.kind != KIND:
             raise ValueError(f"a feature drafter config needs kind={KIND!r}, got {self.kind!r}")
+        if min(self.hidden_size, self.vocab_size, self.intermediate_size) < 0:
+            raise ValueError(
+                f"sizes must be >= 0, got hidden_size {self.hidden_size}, vocab_size {self.vocab_size}, "
+                f"intermediate_size {self.intermediate_size}"
+            )
         if self.depth < 1 or self.num_attention_heads < 1:
             raise ValueError(
                 f"need depth >= 1 and num_attention_heads >= 1, got {self.depth}, {self.num_attention_heads}"
@@ -218,10 +223,11 @@ class FeatureDrafter(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "FeatureDrafter":
         d = Path(directory)
-        config = read_config(d)
+        read_config(d)
+        config = config_from_json(DrafterConfig, d / CONFIG_NAME)
         try:
-            drafter = cls(DrafterConfig(**config))
-        except TypeError as e:
+            drafter = cls(config)
+        except ValueError as e:
             raise ValueError(f"{d / CONFIG_NAME} is not a valid feature drafter config: {e}") from e
         load_weights(drafter, d)
         if model is not None:
@@ -235,13 +241,7 @@ def read_config(directory: Path) -> dict:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"draft model directory {directory} has no {name}")
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{directory / CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(directory / CONFIG_NAME)
 
 
 def load_drafter(directory: str | os.PathLike, model=None):

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import formats
+from .artifacts import config_from_json, read_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -54,10 +55,7 @@ def save_artifact(module: nn.Module, directory: str | os.PathLike) -> None:
 
 def load_weights(module: nn.Module, directory: Path) -> None:
     """Load directory/model.safetensors into `module`; corrupt or mismatched files raise ValueError naming them."""
-    try:
-        state = load_file(directory / WEIGHTS_NAME)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
+    state = read_safetensors(directory / WEIGHTS_NAME)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -81,8 +79,11 @@ def reduced_precision(model) -> bool:
 class DraftHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
-        if config.num_heads < 1 or config.num_layers < 0:
-            raise ValueError(f"need num_heads >= 1 and num_layers >= 0, got {config.num_heads}, {config.num_layers}")
+        if config.num_heads < 1 or config.num_layers < 0 or config.hidden_size < 0 or config.vocab_size < 0:
+            raise ValueError(
+                f"need num_heads >= 1, num_layers >= 0 and sizes >= 0, got num_heads {config.num_heads}, num_layers "
+                f"{config.num_layers}, hidden_size {config.hidden_size}, vocab_size {config.vocab_size}"
+            )
         self.config = config
         h, n, d, v = config.num_heads, config.num_layers, config.hidden_size, config.vocab_size
         self.block_weight = nn.Parameter(torch.zeros(h, n, d, d))  # (H, L, D_out, D_in), zero: blocks start as identity
@@ -186,13 +187,13 @@ class DraftHeads(nn.Module):
                 if not (d / name).is_file():
                     raise FileNotFoundError(f"draft heads directory {d} has no {name}")
             try:
-                config = HeadsConfig(**json.loads((d / CONFIG_NAME).read_text()))
-            except (json.JSONDecodeError, TypeError) as e:
+                config = config_from_json(HeadsConfig, d / CONFIG_NAME)
+                heads = cls(config)
+            except ValueError as e:
                 raise ValueError(
-                    f"{d / CONFIG_NAME} is not a valid heads config of any known format ({', '.join(formats.FORMATS)}; "
-                    f"Medusa configs have medusa_num_heads, vLLM's model_type 'medusa'): {e}"
+                    f"{e} (not a valid heads config of any known format: {', '.join(formats.FORMATS)}; "
+                    "Medusa configs have medusa_num_heads, vLLM's model_type 'medusa')"
                 ) from e
-            heads = cls(config)
             load_weights(heads, d)
         if model is not None:
             heads.check_compatible(model)
