@@ -1,0 +1,271 @@
+"""Crash-resume check: SIGKILL a run at seeded random moments, resume it each time, compare with a clean run.
+
+    python scripts/crash_resume.py                          # both jobs, 5 kills each (a few minutes per job)
+    python scripts/crash_resume.py --job block --kills 8 --seed 3 --json crash.json
+
+Jobs (small configurations, each a real CLI run in its own process group):
+  block   train_block.py --demo on the shipped codec LM: 48 teacher samples, 60 steps, a checkpoint every
+          ~0.3 s; resumed with --resume
+  build   scripts/build_demo.py --quick (corpus -> codec -> judge -> lm); resumed by running it again
+
+For each job: one uninterrupted run (its wall time T), then a second run killed `--kills` times, the k-th
+attempt after a delay drawn uniformly from [0, 2T / (kills + 1)] (so the kills land before the work is
+done, startup included), then resumed until it finishes. Every file of the two runs is compared:
+safetensors tensor by tensor (bit-exact), JSON and JSON lines with the timing and path keys left out,
+logs only for existence (they hold timings). Any *.tmp / *.old file or directory left is reported.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = frozenset({"minutes", "out_dir"})  # JSON keys of wall-clock figures and of the run's own path
+
+
+@dataclass
+class Job:
+    name: str  # "block" or "build"
+    command: list[str]  # the first run's command
+    resume: list[str]  # the command that continues after a kill
+    dirs: list[Path]  # the directories it writes (compared, and checked for leftovers)
+    probe: Callable[[], str]  # what the run has saved so far (reported at each kill)
+
+
+@dataclass
+class Kill:
+    delay: float  # seconds after the attempt's start
+    killed: bool  # False: the attempt finished before its delay ran out
+    saved: str  # the run's saved progress right after the kill
+
+
+# ----- jobs -----
+def block_job(root: Path, steps: int = 60) -> Job:
+    out = root / "block"
+    cmd = [sys.executable, str(ROOT / "train_block.py"), "--demo", "--out-dir", str(out), "--block-size", "4",
+           "--steps", str(steps), "--batch-size", "4", "--pool-size", "48", "--pool-batch", "16",
+           "--max-new-tokens", "48", "--eval-sequences", "6", "--eval-every", "20", "--log-every", "5",
+           "--warmup-steps", "5", "--checkpoint-minutes", "0.005", "--no-progress"]  # fmt: skip
+    return Job("block", cmd, cmd + ["--resume"], [out], lambda: block_progress(out))
+
+
+def block_progress(out: Path) -> str:
+    state = out / "checkpoint" / "state.json"
+    if (out / "adapter").is_dir():
+        return "adapter saved"
+    if state.is_file():
+        return f"checkpoint at step {json.loads(state.read_text())['step']}"
+    return "pool saved, no checkpoint" if (out / "pool.json").is_file() else "nothing saved"
+
+
+def build_job(root: Path) -> Job:
+    out, work = root / "out", root / "work"
+    cmd = [sys.executable, str(ROOT / "scripts" / "build_demo.py"), "--quick", "--out", str(out), "--work", str(work)]
+    return Job("build", cmd, cmd, [out, work], lambda: build_progress(out, work))
+
+
+def build_progress(out: Path, work: Path) -> str:
+    done = [s for s in ("codec", "judge", "lm") if (out / s / "model.safetensors").is_file()]
+    shards = len(list((work / "corpus").glob("shard-*.safetensors")))
+    steps = {s: json.loads(p.read_text())["step"] for s in ("judge", "lm") if (p := work / s / "ckpt.json").is_file()}
+    return f"{shards} corpus shard(s), stages done {done or 'none'}, checkpoints {steps or 'none'}"
+
+
+# ----- running -----
+def environment() -> dict:
+    """This checkout first on the path, one thread per process."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
+def run_to_end(cmd: list[str], log: Path) -> float:
+    """Run `cmd` to completion (its output appended to `log`); returns its wall time. A failure raises."""
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        subprocess.run(cmd, check=True, env=environment(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def run_and_kill(cmd: list[str], delay: float, log: Path) -> bool:
+    """Start `cmd` in its own process group; after `delay` seconds SIGKILL the whole group (workers too).
+    Returns False if it finished first (a failure raises)."""
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, env=environment(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+    return False
+
+
+def kill_delays(kills: int, reference_seconds: float, seed: int) -> list[float]:
+    """Seeded delays in [0, 2T / (kills + 1)]: they sum to about kills / (kills + 1) of the clean run's time T."""
+    rng = random.Random(seed)
+    return [round(rng.uniform(0.0, 2 * reference_seconds / (kills + 1)), 2) for _ in range(kills)]
+
+
+def interrupted_run(job: Job, delays: list[float], log: Path) -> tuple[list[Kill], float]:
+    """Kill `job` after each delay in turn (resuming after the first), then resume it to the end."""
+    kills, start = [], time.perf_counter()
+    for i, delay in enumerate(delays):
+        killed = run_and_kill(job.command if i == 0 else job.resume, delay, log)
+        kills.append(Kill(delay, killed, job.probe()))
+        if not killed:
+            break
+    if kills[-1].killed:
+        run_to_end(job.resume, log)
+    return kills, time.perf_counter() - start
+
+
+# ----- comparing -----
+def leftovers(directory: Path) -> list[str]:
+    """Temporary or swapped-out files and directories (*.tmp, *.old, *.tmp-<tag>, *.old-<tag>) under `directory`."""
+    marks = (".tmp", ".old")
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.name.endswith(marks) or any(m + "-" in p.name for m in marks)
+    )
+
+
+def files(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
+def drop_keys(value, keys=VOLATILE):
+    """`value` (parsed JSON) without the dict entries named in `keys`, at any depth."""
+    if isinstance(value, dict):
+        return {k: drop_keys(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [drop_keys(v, keys) for v in value]
+    return value
+
+
+def read_json(path: Path):
+    """A JSON file, or a JSON-lines file as its list of lines."""
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    return json.loads(path.read_text())
+
+
+def compare_file(a: Path, b: Path) -> str:
+    """'bit-exact', 'equal but minutes' (JSON equal once the VOLATILE keys that differ, named, are dropped), 'log'
+    (not compared: timings), or 'differs: ...'. Unreadable contents raise (safetensors / JSON errors)."""
+    if a.suffix == ".safetensors":
+        x, y = load_file(str(a)), load_file(str(b))
+        if x.keys() != y.keys():
+            return f"differs: tensors {sorted(x.keys() ^ y.keys())[:3]}"
+        bad = [k for k in x if x[k].dtype != y[k].dtype or x[k].shape != y[k].shape or not x[k].equal(y[k])]
+        return f"differs: tensors {bad[:3]}" if bad else "bit-exact"
+    if a.suffix in (".json", ".jsonl"):
+        x, y = read_json(a), read_json(b)
+        if x == y:
+            return "bit-exact"
+        if drop_keys(x) != drop_keys(y):
+            return "differs: JSON contents"
+        others = lambda k: VOLATILE - {k}  # noqa: E731
+        return "equal but " + "/".join(
+            k for k in sorted(VOLATILE) if drop_keys(x, others(k)) != drop_keys(y, others(k))
+        )
+    if a.suffix == ".log":
+        return "log"
+    return "bit-exact" if a.read_bytes() == b.read_bytes() else "differs: bytes"
+
+
+def compare_dirs(reference: Path, resumed: Path) -> dict:
+    """{relative path: verdict} over both directories' files; a file only one of them has is reported."""
+    ref, res = files(reference), files(resumed)
+    verdicts = {f: compare_file(reference / f, resumed / f) for f in sorted(ref & res)}
+    verdicts |= {f: "only in the clean run" for f in ref - res} | {f: "only in the resumed run" for f in res - ref}
+    return dict(sorted(verdicts.items()))
+
+
+def check_job(make_job: Callable[[Path], Job], root: Path, kills: int, seed: int) -> dict:
+    """The whole comparison for one job under `root` (clean/ and killed/ runs, logs beside them)."""
+    for d in ("clean", "killed"):  # this script's own runs of an earlier call
+        shutil.rmtree(root / d, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    for log in ("clean.log", "killed.log"):
+        (root / log).unlink(missing_ok=True)
+    clean, killed = make_job(root / "clean"), make_job(root / "killed")
+    reference_seconds = run_to_end(clean.command, root / "clean.log")
+    delays = kill_delays(kills, reference_seconds, seed)
+    events, seconds = interrupted_run(killed, delays, root / "killed.log")
+    verdicts = {}
+    for a, b in zip(clean.dirs, killed.dirs, strict=True):
+        verdicts |= {f"{a.name}/{f}": v for f, v in compare_dirs(a, b).items()}
+    return {
+        "job": clean.name,
+        "seed": seed,
+        "clean_seconds": round(reference_seconds, 1),
+        "killed_seconds": round(seconds, 1),
+        "kills": [vars(k) for k in events if k.killed],
+        "finished_before_kill": [vars(k) for k in events if not k.killed],
+        "files": verdicts,
+        "leftovers": [f"{d.name}/{p}" for d in killed.dirs for p in leftovers(d)],
+        "ok": ok(verdicts) and not any(leftovers(d) for d in killed.dirs),
+    }
+
+
+def ok(verdicts: dict) -> bool:
+    return all(v in ("bit-exact", "log") or v.startswith("equal but ") for v in verdicts.values())
+
+
+def table(report: dict) -> str:
+    counts: dict[str, int] = {}
+    for v in report["files"].values():
+        counts[v] = counts.get(v, 0) + 1
+    moments = ", ".join(f"{k['delay']:.1f} s ({k['saved']})" for k in report["kills"])
+    lines = [
+        f"### {report['job']}: {len(report['kills'])} kills, {'PASS' if report['ok'] else 'FAIL'}",
+        "",
+        f"clean run {report['clean_seconds']} s, killed + resumed {report['killed_seconds']} s; seed {report['seed']}",
+        f"kill moments (after each attempt's start): {moments}",
+        f"files compared: {len(report['files'])}: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())),
+        f"leftover temporary files: {report['leftovers'] or 'none'}",
+    ]
+    lines += [f"- {f}: {v}" for f, v in report["files"].items() if v not in ("bit-exact", "log")]
+    return "\n".join(lines)
+
+
+JOBS = {"block": block_job, "build": build_job}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", choices=sorted(JOBS), action="append", help="repeatable (default: both)")
+    p.add_argument("--kills", type=int, default=5, help="SIGKILLs per job")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--workdir", type=Path, default=Path("runs/crash"), help="runs and their logs go here")
+    p.add_argument("--json", type=Path, help="write the reports here")
+    args = p.parse_args(argv)
+    if args.kills < 1:
+        p.error(f"--kills must be >= 1, got {args.kills}")
+    reports = []
+    for name in args.job or ["block", "build"]:
+        report = check_job(JOBS[name], args.workdir / name, args.kills, args.seed)
+        print(table(report), flush=True)
+        reports.append(report)
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=1) + "\n")
+    return 0 if all(r["ok"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
