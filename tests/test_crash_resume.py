@@ -40,8 +40,8 @@ def tensors_equal(a: Path, b: Path) -> bool:
 def block_args(model_dir: Path, prompts: Path, out: Path) -> list[str]:
     """A tiny run: 18 training sequences in batches of 4 (the permutation's leftovers cross checkpoints)."""
     return ["--model", str(model_dir), "--prompts", str(prompts), "--mask-token-id", "0", "--eos-token-id", "7",
-            "--out-dir", str(out), "--block-size", "3", "--steps", "50", "--batch-size", "4", "--pool-size", "22",
-            "--pool-batch", "8", "--max-new-tokens", "12", "--eval-sequences", "4", "--eval-every", "40",
+            "--out-dir", str(out), "--block-size", "3", "--steps", "30", "--batch-size", "4", "--pool-size", "22",
+            "--pool-batch", "8", "--max-new-tokens", "12", "--eval-sequences", "4", "--eval-every", "8",
             "--log-every", "3", "--warmup-steps", "3", "--checkpoint-minutes", "0", "--no-progress"]  # fmt: skip
 
 
@@ -82,8 +82,8 @@ def test_sigkilled_block_distillation_resumes_bit_exactly(tmp_path):
     clean, cut = tmp_path / "clean", tmp_path / "cut"
     assert train_block.main(block_args(model_dir, prompts, clean)) == 0
     cmd = [sys.executable, str(ROOT / "train_block.py")] + block_args(model_dir, prompts, cut)
-    killed_at = kill_at_step(cmd, cut / "checkpoint" / "state.json", 20)
-    assert killed_at < 50 and not (cut / "adapter").exists()
+    killed_at = kill_at_step(cmd, cut / "checkpoint" / "state.json", 10)
+    assert killed_at < 30 and not (cut / "adapter").exists()
     assert train_block.main(block_args(model_dir, prompts, cut) + ["--resume"]) == 0
 
     for name in ("adapter/adapter_model.safetensors", "checkpoint/adapter.safetensors",

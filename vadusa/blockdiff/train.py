@@ -692,11 +692,12 @@ def train(
     if not world.is_main:
         distributed.barrier()  # rank 0 saves the adapter
         return out / "adapter"
-    save_checkpoint(checkpoint, student, optimizer, state | {"losses": losses, "order": order}, generator)
-    if held_out:
+    if held_out and state.get("evaluated") != state["step"]:  # once per final step (a resumed finished run: done)
         append_log(
             out, {"step": state["step"], "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}, state
         )
+    state["evaluated"] = state["step"]
+    save_checkpoint(checkpoint, student, optimizer, state | {"losses": losses, "order": order}, generator)
     student.eval()
     block_config.training = training_record(state, cfg, initial_record)
     adapter = save_adapter(student, block_config, out / "adapter")

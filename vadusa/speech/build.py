@@ -165,7 +165,8 @@ def load_units(cfg: BuildConfig) -> list[torch.Tensor]:
 def judge_configs(cfg: BuildConfig) -> tuple[JudgeConfig, JudgeTrainConfig, int]:
     """(model, training, number of Griffin-Lim vocoded training sentences)."""
     if cfg.quick:
-        return JudgeConfig(channels=64, hidden=64), JudgeTrainConfig(steps=60, frames=6000, warmup=10), 16
+        judge_train = JudgeTrainConfig(steps=60, frames=6000, warmup=10, save_every=15)  # checkpoints: resumable
+        return JudgeConfig(channels=64, hidden=64), judge_train, 16
     return JudgeConfig(), JudgeTrainConfig(steps=cfg.judge_steps, frames=8000, restart=cfg.judge_restart), 1200
 
 
@@ -203,7 +204,9 @@ def build_judge(cfg: BuildConfig) -> Judge:
 # ----- codec LM -----
 def lm_configs(cfg: BuildConfig) -> tuple[LMConfig, LMTrainConfig]:
     if cfg.quick:
-        return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(steps=120, warmup=10, lr=3e-3)
+        return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(
+            steps=120, warmup=10, lr=3e-3, save_every=30
+        )
     return LMConfig(), LMTrainConfig(steps=cfg.lm_steps, restart=cfg.lm_restart)
 
 
