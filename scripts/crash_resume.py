@@ -8,11 +8,12 @@ Jobs (small configurations, each a real CLI run in its own process group):
           ~0.3 s; resumed with --resume
   build   scripts/build_demo.py --quick (corpus -> codec -> judge -> lm); resumed by running it again
 
-For each job: one uninterrupted run (its wall time T), then a second run killed `--kills` times, the k-th
-attempt after a delay drawn uniformly from [0, 2T / (kills + 1)] (so the kills land before the work is
-done, startup included), then resumed until it finishes. Every file of the two runs is compared:
-safetensors tensor by tensor (bit-exact), JSON and JSON lines with the timing and path keys left out,
-logs only for existence (they hold timings). Any *.tmp / *.old file or directory left is reported.
+For each job: one uninterrupted run (its wall time T, its first save after S), then a second run killed
+`--kills` times, each attempt after a delay drawn uniformly from [S / 2, S + 2 (T - S) / (kills + 1)] (late
+startup and the work after it; together the kills leave the work unfinished), then resumed to the end.
+Every file of the two runs is compared: safetensors tensor by tensor (bit-exact), JSON and JSON lines with
+the timing and path keys left out, logs only for existence (they hold timings). Any *.tmp / *.old file or
+directory left is reported.
 """
 
 import argparse
@@ -89,12 +90,20 @@ def environment() -> dict:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
-def run_to_end(cmd: list[str], log: Path) -> float:
-    """Run `cmd` to completion (its output appended to `log`); returns its wall time. A failure raises."""
-    start = time.perf_counter()
+def run_to_end(cmd: list[str], log: Path, probe: Callable[[], str] | None = None) -> tuple[float, float | None]:
+    """Run `cmd` to completion (its output appended to `log`): (wall time, seconds until `probe` first changed,
+    i.e. the run's first save; None without a probe). A failure raises."""
+    start, first_save = time.perf_counter(), None
+    initial = probe() if probe else None
     with open(log, "a") as f:
-        subprocess.run(cmd, check=True, env=environment(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
+        proc = subprocess.Popen(cmd, env=environment(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if probe and first_save is None and probe() != initial:
+                first_save = time.perf_counter() - start
+            time.sleep(0.2)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - start, first_save
 
 
 def run_and_kill(cmd: list[str], delay: float, log: Path) -> bool:
@@ -114,10 +123,13 @@ def run_and_kill(cmd: list[str], delay: float, log: Path) -> bool:
     return False
 
 
-def kill_delays(kills: int, reference_seconds: float, seed: int) -> list[float]:
-    """Seeded delays in [0, 2T / (kills + 1)]: they sum to about kills / (kills + 1) of the clean run's time T."""
+def kill_delays(kills: int, seconds: float, first_save: float, seed: int) -> list[float]:
+    """Seeded delays in [S / 2, S + 2 (T - S) / (kills + 1)], T the clean run's time and S its time to a first
+    save (startup: imports, teacher pool or corpus): kills land in the end of startup and in the work after it,
+    and together they leave the work unfinished (resumed attempts start faster than S)."""
     rng = random.Random(seed)
-    return [round(rng.uniform(0.0, 2 * reference_seconds / (kills + 1)), 2) for _ in range(kills)]
+    hi = first_save + 2 * (seconds - first_save) / (kills + 1)
+    return [round(rng.uniform(first_save / 2, hi), 2) for _ in range(kills)]
 
 
 def interrupted_run(job: Job, delays: list[float], log: Path) -> tuple[list[Kill], float]:
@@ -204,8 +216,8 @@ def check_job(make_job: Callable[[Path], Job], root: Path, kills: int, seed: int
     for log in ("clean.log", "killed.log"):
         (root / log).unlink(missing_ok=True)
     clean, killed = make_job(root / "clean"), make_job(root / "killed")
-    reference_seconds = run_to_end(clean.command, root / "clean.log")
-    delays = kill_delays(kills, reference_seconds, seed)
+    reference_seconds, first_save = run_to_end(clean.command, root / "clean.log", clean.probe)
+    delays = kill_delays(kills, reference_seconds, first_save or 0.0, seed)
     events, seconds = interrupted_run(killed, delays, root / "killed.log")
     verdicts = {}
     for a, b in zip(clean.dirs, killed.dirs, strict=True):
@@ -214,6 +226,7 @@ def check_job(make_job: Callable[[Path], Job], root: Path, kills: int, seed: int
         "job": clean.name,
         "seed": seed,
         "clean_seconds": round(reference_seconds, 1),
+        "clean_first_save_seconds": round(first_save or 0.0, 1),
         "killed_seconds": round(seconds, 1),
         "kills": [vars(k) for k in events if k.killed],
         "finished_before_kill": [vars(k) for k in events if not k.killed],
@@ -235,7 +248,8 @@ def table(report: dict) -> str:
     lines = [
         f"### {report['job']}: {len(report['kills'])} kills, {'PASS' if report['ok'] else 'FAIL'}",
         "",
-        f"clean run {report['clean_seconds']} s, killed + resumed {report['killed_seconds']} s; seed {report['seed']}",
+        f"clean run {report['clean_seconds']} s (first save after {report['clean_first_save_seconds']} s), killed +"
+        f" resumed {report['killed_seconds']} s; seed {report['seed']}",
         f"kill moments (after each attempt's start): {moments}",
         f"files compared: {len(report['files'])}: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())),
         f"leftover temporary files: {report['leftovers'] or 'none'}",

@@ -182,9 +182,10 @@ def test_compare_file_verdicts(tmp_path):
 
 
 def test_kill_delays_are_seeded_and_bounded():
-    delays = crash.kill_delays(5, 60.0, seed=3)
-    assert delays == crash.kill_delays(5, 60.0, seed=3) != crash.kill_delays(5, 60.0, seed=4)
-    assert len(delays) == 5 and all(0.0 <= d <= 20.0 for d in delays)
+    delays = crash.kill_delays(5, 60.0, 12.0, seed=3)  # in [6, 12 + 2 * 48 / 6 = 28]
+    assert delays == crash.kill_delays(5, 60.0, 12.0, seed=3) != crash.kill_delays(5, 60.0, 12.0, seed=4)
+    assert len(delays) == 5 and all(6.0 <= d <= 28.0 for d in delays)
+    assert max(crash.kill_delays(200, 60.0, 12.0, seed=0)) > 12.0  # some land after the first save
 
 
 # ----- the whole script (slow: minutes) -----
