@@ -2,7 +2,7 @@
 
     work/                          (outside the repo; caches)
       sentences.json               every usable sentence with its split, voice and rate
-      corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each
+      corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each (60: --quick)
       units.safetensors, vocab.json            unit ids of every sentence; the LM vocabulary
       judge/, lm/                  training checkpoints (resume from here), *.log
     out/                           (the shipped directory, vadusa/assets/demo by default)
@@ -84,11 +84,12 @@ def build_corpus(cfg: BuildConfig) -> list[Path]:
     rows = sentence_table(cfg)
     shards = []
     todo = []
-    for start in range(0, len(rows), SHARD):
-        path = cfg.work / "corpus" / f"shard-{start // SHARD:05d}.safetensors"
+    size = 60 if cfg.quick else SHARD  # the quick corpus (360 sentences) in several shards too: resumable
+    for start in range(0, len(rows), size):
+        path = cfg.work / "corpus" / f"shard-{start // size:05d}.safetensors"
         shards.append(path)
         if not path.exists():
-            todo.append((path, rows[start : start + SHARD]))
+            todo.append((path, rows[start : start + size]))
     if not todo:
         return shards
     bar = tqdm(total=sum(len(r) for _, r in todo), desc="corpus (espeak-ng)", unit="sent")
