@@ -1,6 +1,6 @@
 """Soak: N syntheses in one process through the demo TTSPipeline; memory, speed and descriptors over time.
 
-    python benchmarks/soak.py                        # 1,000 syntheses (about an hour on one core), then the table
+    python benchmarks/soak.py                        # 1,000 syntheses (~45 min on one loaded core), then the table
     python benchmarks/soak.py --n 60 --json soak.json
 
 The schedule (seeded) mixes the decoders below, the three voices, held-out test-split texts of the demo
