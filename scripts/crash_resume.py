@@ -9,7 +9,7 @@ Jobs (small configurations, each a real CLI run in its own process group):
   build   scripts/build_demo.py --quick (corpus -> codec -> judge -> lm); resumed by running it again
 
 For each job: one uninterrupted run (its wall time T, its first save after S), then a second run killed
-`--kills` times, each attempt after a delay drawn uniformly from [S / 2, S + 2 (T - S) / (kills + 1)] (late
+`--kills` times, each attempt after a delay drawn uniformly from [S / 2, S + (T - S) / (kills + 1)] (late
 startup and the work after it; together the kills leave the work unfinished), then resumed to the end.
 Every file of the two runs is compared: safetensors tensor by tensor (bit-exact), JSON and JSON lines with
 the timing and path keys left out, logs only for existence (they hold timings). Any *.tmp / *.old file or
@@ -124,11 +124,11 @@ def run_and_kill(cmd: list[str], delay: float, log: Path) -> bool:
 
 
 def kill_delays(kills: int, seconds: float, first_save: float, seed: int) -> list[float]:
-    """Seeded delays in [S / 2, S + 2 (T - S) / (kills + 1)], T the clean run's time and S its time to a first
+    """Seeded delays in [S / 2, S + (T - S) / (kills + 1)], T the clean run's time and S its time to a first
     save (startup: imports, teacher pool or corpus): kills land in the end of startup and in the work after it,
-    and together they leave the work unfinished (resumed attempts start faster than S)."""
+    and together they leave the work unfinished (on average half of it: resumed attempts start faster than S)."""
     rng = random.Random(seed)
-    hi = first_save + 2 * (seconds - first_save) / (kills + 1)
+    hi = first_save + (seconds - first_save) / (kills + 1)
     return [round(rng.uniform(first_save / 2, hi), 2) for _ in range(kills)]
 
 

@@ -182,9 +182,9 @@ def test_compare_file_verdicts(tmp_path):
 
 
 def test_kill_delays_are_seeded_and_bounded():
-    delays = crash.kill_delays(5, 60.0, 12.0, seed=3)  # in [6, 12 + 2 * 48 / 6 = 28]
+    delays = crash.kill_delays(5, 60.0, 12.0, seed=3)  # in [6, 12 + 48 / 6 = 20]
     assert delays == crash.kill_delays(5, 60.0, 12.0, seed=3) != crash.kill_delays(5, 60.0, 12.0, seed=4)
-    assert len(delays) == 5 and all(6.0 <= d <= 28.0 for d in delays)
+    assert len(delays) == 5 and all(6.0 <= d <= 20.0 for d in delays)
     assert max(crash.kill_delays(200, 60.0, 12.0, seed=0)) > 12.0  # some land after the first save
 
 
@@ -198,5 +198,5 @@ def test_crash_resume_script_on_both_jobs(tmp_path):
     for report in json.loads(reports.read_text()):
         assert report["leftovers"] == [], report["job"]
         assert crash.ok(report["files"]), report["files"]
-        assert len(report["kills"]) + len(report["finished_before_kill"]) >= 1
+        assert len(report["kills"]) >= 1, report  # at least one attempt really died before resuming
     assert code == 0
