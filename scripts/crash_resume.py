@@ -10,7 +10,8 @@ Jobs (small configurations, each a real CLI run in its own process group):
 
 For each job: one uninterrupted run (its wall time T, its first save after S), then a second run killed
 `--kills` times, each attempt after a delay drawn uniformly from [S / 2, S + (T - S) / (kills + 1)] (late
-startup and the work after it; together the kills leave the work unfinished), then resumed to the end.
+startup and the work after it), or as soon as it has saved its share of the work (attempt i: (i + 1) /
+(kills + 1) of it), then resumed to the end.
 Every file of the two runs is compared: safetensors tensor by tensor (bit-exact), JSON and JSON lines with
 the timing and path keys left out, logs only for existence (they hold timings). Any *.tmp / *.old file or
 directory left is reported.
@@ -42,6 +43,7 @@ class Job:
     resume: list[str]  # the command that continues after a kill
     dirs: list[Path]  # the directories it writes (compared, and checked for leftovers)
     probe: Callable[[], str]  # what the run has saved so far (reported at each kill)
+    done: Callable[[], float]  # the fraction of the work saved so far, in [0, 1]
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Kill:
     delay: float  # seconds after the attempt's start
     killed: bool  # False: the attempt finished before its delay ran out
     saved: str  # the run's saved progress right after the kill
+    by: str  # "delay", or "budget": the attempt saved its share of the work first (see `interrupted_run`)
+    seconds: float  # when it was killed, after the attempt's start
 
 
 # ----- jobs -----
@@ -58,7 +62,12 @@ def block_job(root: Path, steps: int = 60) -> Job:
            "--steps", str(steps), "--batch-size", "4", "--pool-size", "48", "--pool-batch", "16",
            "--max-new-tokens", "48", "--eval-sequences", "6", "--eval-every", "20", "--log-every", "5",
            "--warmup-steps", "5", "--checkpoint-minutes", "0.005", "--no-progress"]  # fmt: skip
-    return Job("block", cmd, cmd + ["--resume"], [out], lambda: block_progress(out))
+    return Job("block", cmd, cmd + ["--resume"], [out], lambda: block_progress(out), lambda: block_done(out, steps))
+
+
+def block_done(out: Path, steps: int) -> float:
+    state = out / "checkpoint" / "state.json"
+    return json.loads(state.read_text())["step"] / steps if state.is_file() else 0.0
 
 
 def block_progress(out: Path) -> str:
@@ -73,7 +82,20 @@ def block_progress(out: Path) -> str:
 def build_job(root: Path) -> Job:
     out, work = root / "out", root / "work"
     cmd = [sys.executable, str(ROOT / "scripts" / "build_demo.py"), "--quick", "--out", str(out), "--work", str(work)]
-    return Job("build", cmd, cmd, [out, work], lambda: build_progress(out, work))
+    return Job("build", cmd, cmd, [out, work], lambda: build_progress(out, work), lambda: build_done(out, work))
+
+
+def build_done(out: Path, work: Path) -> float:
+    """Quick build: a quarter each for the corpus (6 shards), the codec, the judge (60 steps), the LM (120)."""
+    parts = [
+        len(list((work / "corpus").glob("shard-*.safetensors"))) / 6,
+        (out / "codec" / "model.safetensors").is_file(),
+    ]
+    for stage, steps in (("judge", 60), ("lm", 120)):
+        ckpt = work / stage / "ckpt.json"
+        parts.append(1.0 if (out / stage / "model.safetensors").is_file() else
+                     json.loads(ckpt.read_text())["step"] / steps if ckpt.is_file() else 0.0)  # fmt: skip
+    return sum(parts) / 4
 
 
 def build_progress(out: Path, work: Path) -> str:
@@ -106,21 +128,24 @@ def run_to_end(cmd: list[str], log: Path, probe: Callable[[], str] | None = None
     return time.perf_counter() - start, first_save
 
 
-def run_and_kill(cmd: list[str], delay: float, log: Path) -> bool:
-    """Start `cmd` in its own process group; after `delay` seconds SIGKILL the whole group (workers too).
-    Returns False if it finished first (a failure raises)."""
+def run_and_kill(cmd: list[str], delay: float, log: Path, stop: Callable[[], bool]) -> tuple[str, float] | None:
+    """Start `cmd` in its own process group; SIGKILL the whole group (workers too) after `delay` seconds or as
+    soon as `stop()` holds: (which fired, seconds after the start). None if it finished first (failure raises)."""
+    start = time.perf_counter()
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, env=environment(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
-        try:
-            code = proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-    if code != 0:
-        raise subprocess.CalledProcessError(code, cmd)
-    return False
+        while proc.poll() is None:
+            elapsed = time.perf_counter() - start
+            by = "delay" if elapsed >= delay else "budget" if stop() else None
+            if by:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return by, round(elapsed, 2)
+            time.sleep(0.05)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return None
 
 
 def kill_delays(kills: int, seconds: float, first_save: float, seed: int) -> list[float]:
@@ -133,12 +158,16 @@ def kill_delays(kills: int, seconds: float, first_save: float, seed: int) -> lis
 
 
 def interrupted_run(job: Job, delays: list[float], log: Path) -> tuple[list[Kill], float]:
-    """Kill `job` after each delay in turn (resuming after the first), then resume it to the end."""
+    """Kill `job` after each delay in turn (resuming after the first), then resume it to the end. Attempt i is
+    killed early once the run has saved (i + 1) / (kills + 1) of the work (`job.done`): under a changing load a
+    delay can outlast the work left, and every kill must land before the end."""
     kills, start = [], time.perf_counter()
     for i, delay in enumerate(delays):
-        killed = run_and_kill(job.command if i == 0 else job.resume, delay, log)
-        kills.append(Kill(delay, killed, job.probe()))
-        if not killed:
+        budget = (i + 1) / (len(delays) + 1)
+        fired = run_and_kill(job.command if i == 0 else job.resume, delay, log, lambda b=budget: job.done() >= b)
+        by, seconds = fired if fired else ("finished", 0.0)
+        kills.append(Kill(delay, fired is not None, job.probe(), by, seconds))
+        if fired is None:
             break
     if kills[-1].killed:
         run_to_end(job.resume, log)
@@ -244,7 +273,7 @@ def table(report: dict) -> str:
     counts: dict[str, int] = {}
     for v in report["files"].values():
         counts[v] = counts.get(v, 0) + 1
-    moments = ", ".join(f"{k['delay']:.1f} s ({k['saved']})" for k in report["kills"])
+    moments = ", ".join(f"{k['seconds']:.1f} s by {k['by']} ({k['saved']})" for k in report["kills"])
     lines = [
         f"### {report['job']}: {len(report['kills'])} kills, {'PASS' if report['ok'] else 'FAIL'}",
         "",
