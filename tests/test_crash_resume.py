@@ -200,3 +200,20 @@ def test_crash_resume_script_on_both_jobs(tmp_path):
         assert crash.ok(report["files"]), report["files"]
         assert len(report["kills"]) >= 1, report  # at least one attempt really died before resuming
     assert code == 0
+
+
+def test_saved_work_fractions(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert crash.build_done(out, work) == 0.0
+    (work / "corpus").mkdir(parents=True)
+    for i in range(3):
+        (work / "corpus" / f"shard-{i:05d}.safetensors").write_bytes(b"")
+    (out / "codec").mkdir(parents=True)
+    (out / "codec" / "model.safetensors").write_bytes(b"")
+    (work / "judge").mkdir()
+    (work / "judge" / "ckpt.json").write_text('{"step": 30}')
+    assert crash.build_done(out, work) == (0.5 + 1 + 0.5 + 0) / 4
+    (tmp_path / "b" / "checkpoint").mkdir(parents=True)
+    assert crash.block_done(tmp_path / "b", 60) == 0.0
+    (tmp_path / "b" / "checkpoint" / "state.json").write_text('{"step": 15}')
+    assert crash.block_done(tmp_path / "b", 60) == 0.25
