@@ -159,12 +159,13 @@ def kill_delays(kills: int, seconds: float, first_save: float, seed: int) -> lis
 
 def interrupted_run(job: Job, delays: list[float], log: Path) -> tuple[list[Kill], float]:
     """Kill `job` after each delay in turn (resuming after the first), then resume it to the end. Attempt i is
-    killed early once the run has saved (i + 1) / (kills + 1) of the work (`job.done`): under a changing load a
-    delay can outlast the work left, and every kill must land before the end."""
+    killed early once the run has saved (i + 1) / (kills + 1) of the work (`job.done`) and something since its
+    start: under a changing load a delay can outlast the work left, and every kill must land before the end."""
     kills, start = [], time.perf_counter()
     for i, delay in enumerate(delays):
-        budget = (i + 1) / (len(delays) + 1)
-        fired = run_and_kill(job.command if i == 0 else job.resume, delay, log, lambda b=budget: job.done() >= b)
+        budget, before = (i + 1) / (len(delays) + 1), job.done()
+        stop = lambda b=budget, a=before: job.done() >= b and job.done() > a  # noqa: E731 (and saved something new)
+        fired = run_and_kill(job.command if i == 0 else job.resume, delay, log, stop)
         by, seconds = fired if fired else ("finished", 0.0)
         kills.append(Kill(delay, fired is not None, job.probe(), by, seconds))
         if fired is None:
