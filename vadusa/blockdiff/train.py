@@ -400,8 +400,9 @@ def pool_shard(rank: int) -> str:
     return f"pool-{rank:05d}.safetensors"
 
 
-def save_pool(pool, path: Path) -> None:
-    """(ids, prompt_len) pairs, or (pool index, ids, prompt_len) triples of one rank's shard."""
+def save_pool(pool, path: Path, rng_state: torch.Tensor | None = None) -> None:
+    """(ids, prompt_len) pairs, or (pool index, ids, prompt_len) triples of one rank's shard; `rng_state`: the
+    global RNG state sampling left (a resumed run restores it, so the LoRA drawn next is the same)."""
     index = [e[0] for e in pool] if pool and len(pool[0]) == 3 else list(range(len(pool)))
     pool = [e[-2:] for e in pool]
     tensors = {
@@ -410,6 +411,8 @@ def save_pool(pool, path: Path) -> None:
         "prompt_lengths": torch.tensor([p for _, p in pool], dtype=torch.long),
         "index": torch.tensor(index, dtype=torch.long),
     }
+    if rng_state is not None:
+        tensors["rng_state"] = rng_state
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
@@ -461,16 +464,20 @@ def pooled(model, prompts, cfg: TrainConfig, mask_token_id, eos_token_id, logits
         os.replace(tmp, out / POOL_INDEX)
     if resume and mine.is_file():
         sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator, world, True)
+        saved = load_file(str(mine))
+        if "rng_state" in saved:  # the global RNG as sampling left it: the LoRA is drawn from it next
+            torch.set_rng_state(saved["rng_state"])
     else:
         share = sample_pool(model, prompts, cfg, mask_token_id, eos_token_id, logits_processor, generator, world)
-        save_pool(share, mine)
+        save_pool(share, mine, torch.get_rng_state())
     distributed.barrier()
     return load_pool(out)
 
 
 # ----- checkpoints -----
 def save_checkpoint(directory: Path, student, optimizer, state: dict, generator) -> None:
-    """Adapter weights, AdamW moments, RNG state and counters, swapped in atomically as one directory."""
+    """Adapter weights, AdamW moments, RNG state and counters (with the batch order left and the log window's
+    losses: a resumed run goes on as the uninterrupted one), swapped in as one directory (`restore_swapped`)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -488,6 +495,32 @@ def save_checkpoint(directory: Path, student, optimizer, state: dict, generator)
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_swapped(directory: Path) -> None:
+    """Undo a swap that a kill cut between its two renames (`save_checkpoint`): the previous checkpoint, moved
+    aside to <name>.old, goes back in place (the new one, in <name>.tmp, is rewritten by the next save)."""
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.is_dir():
+        os.replace(old, directory)
+
+
+def append_log(out: Path, line: dict, state: dict) -> None:
+    """One log.jsonl line; state["log_lines"] counts them, so a run resumed from a checkpoint of this state
+    knows which lines come after it (`cut_log`)."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    state["log_lines"] = state.get("log_lines", 0) + 1
+
+
+def cut_log(out: Path, lines: int) -> None:
+    """Keep the first `lines` lines of log.jsonl: those written after the checkpoint (one maybe cut short by a
+    kill) are written again by the resumed run, so its log is the uninterrupted run's (but for the minutes)."""
+    path = out / "log.jsonl"
+    if path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(path.read_text().splitlines(keepends=True)[:lines]))
+        os.replace(tmp, path)
 
 
 def load_checkpoint(directory: Path, student, optimizer, generator) -> dict:
@@ -543,6 +576,9 @@ def train(
     out, world = Path(cfg.out_dir), distributed.world()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
+    if resume and world.is_main:
+        restore_swapped(checkpoint)
+    distributed.barrier()
     if resume and (checkpoint / "state.json").is_file():
         saved = json.loads((checkpoint / "state.json").read_text()).get("world_size", 1)
         if saved != world.size:
@@ -577,9 +613,13 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "minutes": 0.0, "targets_seen": 0, "inputs_seen": 0, "config": asdict(cfg)}
     state["world_size"] = world.size
+    losses, order = [], []  # the losses of the log window so far; pool indices left of the current permutation
     if resume and checkpoint.is_dir():
         state = load_checkpoint(checkpoint, student, optimizer, generator)
-    elif not resume and world.is_main:
+        losses, order = state.pop("losses", []), state.pop("order", [])
+        if world.is_main and "log_lines" in state:
+            cut_log(out, state["log_lines"])
+    elif world.is_main:  # from step 0: a log of an earlier start is dropped
         (out / "log.jsonl").unlink(missing_ok=True)
     held_out = held_out if world.is_main else []  # rank 0 evaluates and logs
 
@@ -588,10 +628,9 @@ def train(
         return max(state["step"] / cfg.steps, by_time)
 
     if held_out and cfg.eval_every and state["step"] == 0:  # the initial student (the teacher) at the final stage
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": 0, "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}) + "\n")
+        append_log(out, {"step": 0, "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}, state)
     start, minutes_before = time.perf_counter(), state["minutes"]
-    last_save, losses, order = time.perf_counter(), [], []
+    last_save = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not (cfg.progress and world.is_main))
     student.train()
     global_batch = cfg.batch_size * world.size
@@ -652,23 +691,21 @@ def train(
                 "inputs_seen": state["inputs_seen"],
                 **evaluation,
             }
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_log(out, line, state)
             losses = [] if state["step"] % cfg.log_every == 0 else losses
         if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes and world.is_main:
-            save_checkpoint(checkpoint, student, optimizer, state, generator)
+            save_checkpoint(checkpoint, student, optimizer, state | {"losses": losses, "order": order}, generator)
             last_save = time.perf_counter()
     bar.close()
     if not world.is_main:
         distributed.barrier()  # rank 0 saves the adapter
         return out / "adapter"
-    save_checkpoint(checkpoint, student, optimizer, state, generator)
-    if held_out:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(
-                json.dumps({"step": state["step"], "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)})
-                + "\n"
-            )
+    if held_out and state.get("evaluated") != state["step"]:  # once per final step (a resumed finished run: done)
+        append_log(
+            out, {"step": state["step"], "eval_loss": evaluate(student, held_out, cfg, mask_token_id, dtype)}, state
+        )
+    state["evaluated"] = state["step"]
+    save_checkpoint(checkpoint, student, optimizer, state | {"losses": losses, "order": order}, generator)
     student.eval()
     block_config.training = training_record(state, cfg, initial_record)
     adapter = save_adapter(student, block_config, out / "adapter")

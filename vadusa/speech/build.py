@@ -2,7 +2,7 @@
 
     work/                          (outside the repo; caches)
       sentences.json               every usable sentence with its split, voice and rate
-      corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each
+      corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each (60: --quick)
       units.safetensors, vocab.json            unit ids of every sentence; the LM vocabulary
       judge/, lm/                  training checkpoints (resume from here), *.log
     out/                           (the shipped directory, vadusa/assets/demo by default)
@@ -84,11 +84,12 @@ def build_corpus(cfg: BuildConfig) -> list[Path]:
     rows = sentence_table(cfg)
     shards = []
     todo = []
-    for start in range(0, len(rows), SHARD):
-        path = cfg.work / "corpus" / f"shard-{start // SHARD:05d}.safetensors"
+    size = 60 if cfg.quick else SHARD  # the quick corpus (360 sentences) in several shards too: resumable
+    for start in range(0, len(rows), size):
+        path = cfg.work / "corpus" / f"shard-{start // size:05d}.safetensors"
         shards.append(path)
         if not path.exists():
-            todo.append((path, rows[start : start + SHARD]))
+            todo.append((path, rows[start : start + size]))
     if not todo:
         return shards
     bar = tqdm(total=sum(len(r) for _, r in todo), desc="corpus (espeak-ng)", unit="sent")
@@ -165,7 +166,8 @@ def load_units(cfg: BuildConfig) -> list[torch.Tensor]:
 def judge_configs(cfg: BuildConfig) -> tuple[JudgeConfig, JudgeTrainConfig, int]:
     """(model, training, number of Griffin-Lim vocoded training sentences)."""
     if cfg.quick:
-        return JudgeConfig(channels=64, hidden=64), JudgeTrainConfig(steps=60, frames=6000, warmup=10), 16
+        judge_train = JudgeTrainConfig(steps=60, frames=6000, warmup=10, save_every=15)  # checkpoints: resumable
+        return JudgeConfig(channels=64, hidden=64), judge_train, 16
     return JudgeConfig(), JudgeTrainConfig(steps=cfg.judge_steps, frames=8000, restart=cfg.judge_restart), 1200
 
 
@@ -203,7 +205,9 @@ def build_judge(cfg: BuildConfig) -> Judge:
 # ----- codec LM -----
 def lm_configs(cfg: BuildConfig) -> tuple[LMConfig, LMTrainConfig]:
     if cfg.quick:
-        return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(steps=120, warmup=10, lr=3e-3)
+        return LMConfig(layers=2, width=64, heads=2, mlp=128), LMTrainConfig(
+            steps=120, warmup=10, lr=3e-3, save_every=30
+        )
     return LMConfig(), LMTrainConfig(steps=cfg.lm_steps, restart=cfg.lm_restart)
 
 

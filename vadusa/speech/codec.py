@@ -118,8 +118,8 @@ class UnitCodec:
 
     def save_pretrained(self, directory: Path) -> None:
         directory = Path(directory)
+        write_json(directory / "config.json", asdict(self.config))  # first: the weights file marks the stage done
         write_tensors(directory / "model.safetensors", {"centroids": self.centroids})
-        write_json(directory / "config.json", asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, directory: Path) -> "UnitCodec":

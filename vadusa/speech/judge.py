@@ -120,8 +120,8 @@ class Judge(nn.Module):
         """config.json + model.safetensors; weights stored in `dtype` (half by default: it is only a judge)."""
         directory = Path(directory)
         tensors = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        write_json(directory / "config.json", asdict(self.config))  # first: the weights file marks the stage done
         write_tensors(directory / "model.safetensors", tensors)
-        write_json(directory / "config.json", asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, directory: Path) -> "Judge":

@@ -1,10 +1,13 @@
 """Training loops of the demo build: the CTC judge and the codec LM. Both resume from checkpoints.
 
-A checkpoint is one safetensors file (model weights, AdamW moments under `opt.<i>.*`) plus a JSON
-with the step; it is written atomically every `save_every` steps, so an interrupted build resumes
-where it stopped with the same schedule.
+A checkpoint is one safetensors file (model weights, AdamW moments under `opt.<i>.*`, the RNG states under
+`rng.*`, the step and counters in its metadata), written atomically every `save_every` steps, so an
+interrupted build resumes where it stopped with the same schedule, batches and random draws: bit-exact.
+A JSON copy of the metadata sits beside it for reading; a kill between the two writes can leave it stale,
+so resuming reads the safetensors file alone.
 """
 
+import json
 import math
 import random
 import time
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -45,28 +49,45 @@ def optimizer_step(opt, lr: float, loss: torch.Tensor, params, max_norm: float =
     opt.step()
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
+def save_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict, generator=None
+) -> None:
+    """Weights, AdamW state, the global RNG state (and `generator`'s) and {"step": step} | extra, in one file."""
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         for name, value in opt.state.get(p, {}).items():
             if torch.is_tensor(value):
                 tensors[f"opt.{i}.{name}"] = value.detach().clone().reshape(value.shape)
-    write_tensors(path.with_suffix(".safetensors"), tensors)
-    write_json(path.with_suffix(".json"), {"step": step} | extra)
+    tensors["rng.global"] = torch.get_rng_state()
+    if generator is not None:
+        tensors["rng.generator"] = generator.get_state()
+    meta = {"step": step} | extra
+    write_tensors(path.with_suffix(".safetensors"), tensors, metadata={"meta": json.dumps(meta)})
+    write_json(path.with_suffix(".json"), meta)
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Restore model and AdamW state; returns the JSON (with 'step'), or {'step': 0} if there is none."""
-    if not path.with_suffix(".json").exists() or not path.with_suffix(".safetensors").exists():
-        return {"step": 0}
-    meta = read_json(path.with_suffix(".json"))
-    tensors = read_tensors(path.with_suffix(".safetensors"))
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, generator=None) -> dict:
+    """Restore model, AdamW state and the RNG states; returns the metadata (with 'step'), {'step': 0} if there
+    is no checkpoint. A file of an older build without metadata takes the step from the JSON beside it."""
+    weights = path.with_suffix(".safetensors")
+    if not weights.exists():
+        return {"step": 0, "rng": False}
+    with safe_open(str(weights), "pt") as f:
+        meta = (f.metadata() or {}).get("meta")
+    if meta is None and not path.with_suffix(".json").exists():
+        return {"step": 0, "rng": False}
+    meta = json.loads(meta) if meta is not None else read_json(path.with_suffix(".json"))
+    tensors = read_tensors(weights)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         state = {name.split(".", 2)[2]: v for name, v in tensors.items() if name.startswith(f"opt.{i}.")}
         if state:
             opt.state[p] = state
-    return meta
+    if "rng.global" in tensors:
+        torch.set_rng_state(tensors["rng.global"])
+    if generator is not None and "rng.generator" in tensors:
+        generator.set_state(tensors["rng.generator"])
+    return meta | {"rng": "rng.global" in tensors}
 
 
 def length_batches(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
@@ -132,12 +153,15 @@ def train_judge(judge, mels: list[torch.Tensor], texts: list[str], cfg: JudgeTra
     labels = [encode_text(t) for t in texts]
     opt = torch.optim.AdamW(judge.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = Schedule(cfg.steps, cfg.lr, cfg.warmup, restart=cfg.restart)
-    step = load_checkpoint(ckpt, judge, opt)["step"]
+    gen = torch.Generator().manual_seed(cfg.seed)  # SpecAugment's draws (GRU dropout: the global RNG)
+    meta = load_checkpoint(ckpt, judge, opt, gen)
+    step = meta["step"]
+    if step and not meta["rng"]:  # a checkpoint of an older build, without RNG states
+        gen.manual_seed(cfg.seed + step)
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     stream = epoch_batches([m.shape[0] for m in mels], cfg.frames, cfg.seed)
     for _ in range(step):  # replay the batch order up to the resumed step
         next(stream)
-    gen = torch.Generator().manual_seed(cfg.seed + step)
     judge.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="judge", unit="step")
     start, recent = time.perf_counter(), []
@@ -158,7 +182,7 @@ def train_judge(judge, mels: list[torch.Tensor], texts: list[str], cfg: JudgeTra
             log(f"judge step {step} loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - start:.0f} s)")
             recent = []
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, judge, opt, step, {})
+            save_checkpoint(ckpt, judge, opt, step, {}, gen)
     bar.close()
     return judge.eval()
 
