@@ -117,3 +117,10 @@ def fitted_drafter(model, depth: int = 4, steps: int = 120, seed: int = 0):
         loss.backward()
         opt.step()
     return drafter.eval().requires_grad_(False)
+
+
+def budget(examples: int) -> int:
+    """Hypothesis examples for a property: `examples` in CI, times $PROPERTY_SCALE when hunting bugs."""
+    import os
+
+    return examples * int(os.environ.get("PROPERTY_SCALE", "1"))

@@ -33,6 +33,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from ..configs import read_config
+
 CONFIG_NAME = "block_config.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -82,7 +84,7 @@ class BlockConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a block-distillation adapter directory")
-        return cls(**json.loads(path.read_text()))
+        return read_config(cls, path)
 
 
 def check_mask_token(mask_token_id, vocab_size: int) -> None:
@@ -136,7 +138,12 @@ def check_adapter(model, directory: Path) -> BlockConfig:
             f"{config.base_fingerprint}, vocabulary {config.vocab_size}); this model has fingerprint "
             f"{base_fingerprint(model)}, vocabulary {vocab}"
         )
-    check_mask_token(config.mask_token_id, vocab)
+    try:
+        check_mask_token(config.mask_token_id, vocab)
+        if config.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {config.block_size}")
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from e
     return config
 
 
