@@ -9,6 +9,7 @@ import json
 import math
 import string
 from contextlib import contextmanager
+from dataclasses import fields
 
 import pytest
 import torch
@@ -238,6 +239,36 @@ def test_heads_config_any_json(heads_dir, config):
 
 
 @pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory):
+    from tests.conftest import tiny_llama
+    from vadusa.drafter import FeatureDrafter
+
+    d = tmp_path_factory.mktemp("drafter")
+    FeatureDrafter.from_model(tiny_llama(), depth=2).save_pretrained(d)
+    return d, json.loads((d / "config.json").read_text())
+
+
+@settings(max_examples=budget(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_drafter_config_any_json(drafter_dir, data):
+    """The feature drafter's config.json through `load_drafter`, the loader the decoders use."""
+    from vadusa.drafter import DrafterConfig, load_drafter
+
+    d, valid = drafter_dir
+    config = data.draw(config_dicts(valid, ["num_heads"]), label="config")
+    (d / "config.json").write_text(json.dumps(config))
+    try:
+        drafter = load_drafter(d)
+    except USER_ERRORS as e:
+        assert str(d) in str(e), f"the error does not name the file: {e}"
+        return
+    expected = {f.name: f.default for f in fields(DrafterConfig)} | config  # absent fields take their defaults
+    assert {k: getattr(drafter.config, k) for k in ("hidden_size", "vocab_size", "depth")} == {
+        k: expected[k] for k in ("hidden_size", "vocab_size", "depth")
+    }
+
+
+@pytest.fixture(scope="module")
 def block_adapter(tmp_path_factory):
     from tests.conftest import tiny_llama
     from vadusa.blockdiff.student import BlockConfig, make_student, save_adapter
@@ -359,3 +390,55 @@ def test_decoder_options_any_values(decoder_assets, data):
     new = out.sequences[0, PROMPT.shape[1] :]
     assert 1 <= out.new_tokens == len(new) <= sampling.get("max_new_tokens", 256)
     assert int(new.min()) >= 0 and int(new.max()) < model.config.vocab_size
+
+
+# ----- what the properties found, pinned as plain tests -----
+def test_found_tree_inputs_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="not a non-negative integer"):
+        vadusa.Tree.from_paths([[True], [True, 0]])  # was accepted: bools as ranks
+    with pytest.raises(ValueError, match="not a non-negative integer"):
+        vadusa.Tree.from_paths([[2**70]])  # was accepted, then "Overflow when unpacking long" from the buffers
+    with pytest.raises(TypeError, match="tree meta must be a dict"):
+        vadusa.Tree.from_paths([[0]], meta="abc")  # was "dictionary update sequence element #0 has length 1"
+    with pytest.raises(TypeError, match="tree path 5 is a int"):
+        vadusa.Tree.from_paths([[0], 5])  # was "'int' object is not iterable"
+    path = tmp_path / "t.json"
+    for doc in (b"\xff\xfe[[0]]", b"[" * 100_000 + b"]" * 100_000, b'{"paths": [[0]], "meta": 3}'):
+        path.write_bytes(doc)  # not UTF-8 (no file named), deep nesting (RecursionError), bad meta (no file named)
+        with pytest.raises((ValueError, TypeError), match="t.json"):
+            vadusa.Tree.from_json(path)
+
+
+def test_found_heads_configs_refused_clearly(heads_dir):
+    cases = [  # config.json -> the error; the first two allocated the config's sizes (2^53 floats) first
+        ({"num_heads": 2**20, "vocab_size": 2**30}, "does not match .* 'block_bias' has shape"),
+        ({"num_heads": 2**40}, "num_heads an integer in"),
+        ({"hidden_size": 0}, "hidden_size an integer in"),
+        ({"num_layers": True}, "field 'num_layers' must be of type int"),
+        ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+    ]
+    for change, message in cases:
+        (heads_dir / "config.json").write_text(json.dumps(HEADS_CONFIG | change))
+        with pytest.raises(ValueError, match=message) as e:
+            vadusa.DraftHeads.from_pretrained(heads_dir)
+        assert str(heads_dir / "config.json") in str(e.value)
+
+
+def test_found_block_configs_refused_clearly(block_adapter):
+    from vadusa.blockdiff.student import load_student
+
+    model, d, valid = block_adapter
+    cases = [  # each was a TypeError from BlockConfig(**json) naming no file, or a traceback later on
+        ({k: v for k, v in valid.items() if k != "vocab_size"}, r"lacks the required field\(s\) \['vocab_size'\]"),
+        (valid | {"block_size": "4"}, "field 'block_size' must be of type int"),
+        (valid | {"block_size": 0}, "block_size must be >= 1"),
+        (valid | {"mask_token_id": 99}, "mask_token_id 99 is outside the vocabulary"),
+        (valid | {"extra": 1}, r"unknown field\(s\) \['extra'\]"),
+        ([1, 2], "must hold a JSON object"),
+    ]
+    for config, message in cases:
+        (d / "block_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message) as e:
+            load_student(model, d)
+        assert str(d / "block_config.json") in str(e.value)
+    (d / "block_config.json").write_text(json.dumps(valid))

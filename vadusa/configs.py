@@ -4,7 +4,7 @@
 
 Every error is a ValueError naming the file: not JSON (or not UTF-8), not a JSON object, a field the
 dataclass does not have, a required field missing, or a value of the wrong type (a bool is not an int,
-an int is a float). Value ranges (num_heads >= 1, ...) stay with the classes that use them.
+an int is a float), or a value the class itself refuses (its __post_init__ checks ranges).
 """
 
 import json
@@ -61,4 +61,7 @@ def read_config(cls, path: Path, data: dict | None = None):
         if not type_matches(value, hints[name]):
             expected = type_name(hints[name])
             raise ValueError(f"{path}: field {name!r} must be of type {expected}, got {reprlib.repr(value)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ValueError as e:  # the class's own checks (__post_init__): name the file
+        raise ValueError(f"{path}: {e}") from e

@@ -23,7 +23,6 @@ attention a depth-s tree node has at decoding time. Tokens along the chain are t
 node's children only matter once the node was accepted, i.e. once its token is one the base emits.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import formats
-from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, save_artifact
+from . import configs, formats
+from .heads import CONFIG_NAME, WEIGHTS_NAME, check_weight_shapes, load_weights, model_dims, save_artifact
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
 
@@ -218,11 +217,9 @@ class FeatureDrafter(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "FeatureDrafter":
         d = Path(directory)
-        config = read_config(d)
-        try:
-            drafter = cls(DrafterConfig(**config))
-        except TypeError as e:
-            raise ValueError(f"{d / CONFIG_NAME} is not a valid feature drafter config: {e}") from e
+        config = configs.read_config(DrafterConfig, d / CONFIG_NAME, read_config(d))
+        check_weight_shapes(lambda: cls(config), d)
+        drafter = cls(config)
         load_weights(drafter, d)
         if model is not None:
             drafter.check_compatible(model)
@@ -235,13 +232,7 @@ def read_config(directory: Path) -> dict:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"draft model directory {directory} has no {name}")
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{directory / CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return configs.read_json_object(directory / CONFIG_NAME)
 
 
 def load_drafter(directory: str | os.PathLike, model=None):

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .configs import read_json_object
+
 FORMATS = ("vadusa", "vllm", "medusa")  # the formats `DraftHeads.save_pretrained` writes
 CONFIG = "config.json"
 VLLM_WEIGHTS = "model.safetensors"  # vLLM loads every *.safetensors of the directory; we write this one
@@ -204,14 +206,7 @@ def detect(directory: Path) -> str | None:
     return None
 
 
-def read_json(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+read_json = read_json_object  # the JSON object of a config file, errors naming it
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
