@@ -226,7 +226,7 @@ def test_bad_inputs_raise(model_and_heads):
         vadusa.generate(model, heads, torch.tensor([[1]]), tree=vadusa.Tree.chain(5))
     with pytest.raises(ValueError, match="vocabulary size 48, the model has 40"):  # heads and drafters alike
         vadusa.generate(tiny_llama(vocab=40), heads, torch.tensor([[1]]))
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         vadusa.generate_ar(model, torch.tensor([[1]]), max_new_tokens=0)
 
 

@@ -131,7 +131,7 @@ def test_stream_bad_input_raises_before_running_and_errors_reach_the_reader(tiny
         tiny.stream("Hello.", decoder="nope")
     with pytest.raises(ValueError, match="own streamer"):
         tiny.stream("Hello.", streamer=object())
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):  # raised in the decoder's thread
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):  # raised in the decoder's thread
         list(tiny.stream("Hello.", max_new_tokens=0))
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-ACCEPTANCE_RULES = ("greedy", "tolerance", "typical", "lossless")
+from .checks import ACCEPTANCE_RULES, check_values
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -167,8 +167,7 @@ def get_rule(acceptance: str, tau: int = 3, epsilon: float = 0.09, alpha: float 
     if acceptance == "greedy":
         return Rule("greedy", lambda c: 0, greedy, greedy_batch)
     if acceptance == "tolerance":
-        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
-            raise ValueError(f"tolerance must be an integer >= 1, got {tau!r}")
+        check_values(tolerance=tau)
         return Rule("tolerance", lambda c: tau, tolerance, tolerance_batch)
     if acceptance == "typical":
         return Rule(

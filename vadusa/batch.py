@@ -25,6 +25,7 @@ import torch
 
 from .accept import sample
 from .cache import BufferCache, num_decoder_layers
+from .checks import check_values
 from .drafter import FeatureDrafter, decoding_weights, tree_plan
 from .generate import (
     GenerationOutput,
@@ -151,8 +152,7 @@ def check_budgets(max_new_tokens, batch: int) -> list[int]:
     if len(budgets) != batch:
         raise ValueError(f"max_new_tokens has {len(budgets)} budgets for a batch of {batch} rows")
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {b!r}")
+        check_values(max_new_tokens=b)
     return budgets
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .artifacts import read_lines
 from .decoders import DECODERS, build_decoder, check_options
 from .generate import GenerationOutput
 
@@ -482,14 +483,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """Non-empty lines of a texts file; a missing or empty file raises."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"texts file {p} does not exist")
-    texts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not texts:
-        raise ValueError(f"texts file {p} has no non-empty line")
-    return texts
+    """Non-empty lines of a UTF-8 texts file; a missing, non-UTF-8 or empty file raises naming it."""
+    return read_lines(path, "texts file")
 
 
 # ----- the demo TTS as a task; default row sets -----

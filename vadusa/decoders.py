@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .blockdiff.generate import block_factory
+from .checks import check_values
 from .draft import vadusa_factory
 from .generate import GenerationOutput, as_processor, check_prompt, generate_ar
 from .hf import sampling_config, vadusa_hf_factory
@@ -72,8 +73,6 @@ DECODERS: dict[str, Callable[..., Run]] = {
 
 def build_decoder(name: str, model, assets: Path | None = None, **options) -> Run:
     """Bind decoder `name` to `model`; `assets` is the directory holding its artifacts (heads, trees...)."""
-    if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; expected one of {sorted(DECODERS)}")
     check_options(name, options)
     return DECODERS[name](model, assets, **options)
 
@@ -85,6 +84,10 @@ def decoder_options(name: str) -> list[str]:
 
 
 def check_options(name: str, options: dict) -> None:
+    """Raise ValueError for an unknown decoder, an option it does not take, or a bad value (`checks.check_values`)."""
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; expected one of {sorted(DECODERS)}")
     unknown = sorted(set(options) - set(decoder_options(name)))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; it accepts {decoder_options(name)}")
+    check_values(**options)

@@ -13,6 +13,7 @@ import copy
 from pathlib import Path
 
 from .accuracy import rule_name
+from .checks import check_values
 from .drafter import FeatureDrafter, load_drafter
 from .generate import generate
 from .heads import DraftHeads
@@ -36,22 +37,29 @@ def resolve_heads_dir(assets: Path | None, heads) -> Path:
 
 def resolve_tree(tree, heads, heads_dir: Path | None, acceptance: str, tolerance: int) -> Tree:
     """A Tree from "auto" (the builder's choice for the rule), "chain", a JSON path or a Tree; checked vs heads."""
+    path = None  # the tree file, named in errors
     if isinstance(tree, Tree):
         resolved = tree
     elif tree is None or tree == "chain":
         resolved = Tree.chain(heads.max_depth)
     elif tree == "auto":
-        name = f"tree-{rule_name(acceptance, tolerance)}.json"
-        if heads_dir is None or not (heads_dir / name).is_file():
+        path = heads_dir / f"tree-{rule_name(acceptance, tolerance)}.json" if heads_dir is not None else None
+        if path is None or not path.is_file():
             found = sorted(p.name for p in heads_dir.glob("tree-*.json")) if heads_dir else []
             raise FileNotFoundError(
-                f"tree='auto' needs {name} in the heads directory {heads_dir} (found {found}); "
-                "build it with `train_heads.py --build-trees`, or pass tree='chain' or a tree file"
+                f"tree='auto' needs tree-{rule_name(acceptance, tolerance)}.json in the heads directory {heads_dir} "
+                f"(found {found}); build it with `train_heads.py --build-trees`, or pass tree='chain' or a tree file"
             )
-        resolved = Tree.from_json(heads_dir / name)
     else:
-        resolved = Tree.from_json(tree)
-    resolved.validate_for(heads.max_depth)
+        path = Path(tree)
+    if path is not None:
+        resolved = Tree.from_json(path)
+    try:
+        resolved.validate_for(heads.max_depth, heads.config.vocab_size)
+    except ValueError as e:
+        if path is None:
+            raise
+        raise ValueError(f"tree file {path}: {e}") from e
     return resolved
 
 
@@ -73,7 +81,10 @@ def vadusa_factory(
     typical_alpha: float = 0.3,
 ):
     """Load the draft model (a directory, DraftHeads or FeatureDrafter), resolve the tree, merge a LoRA adapter
-    if one sits beside the heads."""
+    if one sits beside the heads. Bad option values raise before anything is loaded."""
+    check_values(
+        acceptance=acceptance, tolerance=tolerance, typical_epsilon=typical_epsilon, typical_alpha=typical_alpha
+    )
     heads_dir = None
     if not isinstance(heads, DraftHeads | FeatureDrafter):
         heads_dir = resolve_heads_dir(assets, heads)

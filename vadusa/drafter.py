@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import configs, formats
+from . import formats
+from .artifacts import config_from_json, read_json_object
 from .heads import CONFIG_NAME, WEIGHTS_NAME, check_weight_shapes, load_weights, model_dims, save_artifact
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
@@ -54,6 +55,11 @@ class DrafterConfig:
             self.intermediate_size = 2 * self.hidden_size
         if self.kind != KIND:
             raise ValueError(f"a feature drafter config needs kind={KIND!r}, got {self.kind!r}")
+        if min(self.hidden_size, self.vocab_size, self.intermediate_size) < 0:
+            raise ValueError(
+                f"sizes must be >= 0, got hidden_size {self.hidden_size}, vocab_size {self.vocab_size}, "
+                f"intermediate_size {self.intermediate_size}"
+            )
         if self.depth < 1 or self.num_attention_heads < 1:
             raise ValueError(
                 f"need depth >= 1 and num_attention_heads >= 1, got {self.depth}, {self.num_attention_heads}"
@@ -217,8 +223,9 @@ class FeatureDrafter(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None) -> "FeatureDrafter":
         d = Path(directory)
-        config = configs.read_config(DrafterConfig, d / CONFIG_NAME, read_config(d))
-        check_weight_shapes(lambda: cls(config), d)
+        read_config(d)
+        config = config_from_json(DrafterConfig, d / CONFIG_NAME)
+        check_weight_shapes(lambda: cls(config), d)  # before allocating: the config may ask for any size
         drafter = cls(config)
         load_weights(drafter, d)
         if model is not None:
@@ -232,7 +239,7 @@ def read_config(directory: Path) -> dict:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"draft model directory {directory} has no {name}")
-    return configs.read_json_object(directory / CONFIG_NAME)
+    return read_json_object(directory / CONFIG_NAME)
 
 
 def load_drafter(directory: str | os.PathLike, model=None):

@@ -29,9 +29,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .configs import read_json_object
+from .artifacts import read_json_object, read_safetensors
 
 FORMATS = ("vadusa", "vllm", "medusa")  # the formats `DraftHeads.save_pretrained` writes
 CONFIG = "config.json"
@@ -196,7 +196,7 @@ def swap_in(tmp: Path, target: Path, tag: str) -> None:
 # ----- reading -----
 def detect(directory: Path) -> str | None:
     """The serving format ("vllm" or "medusa") `directory` holds; None otherwise (vadusa's own, or nothing)."""
-    config = read_json(directory / CONFIG) if (directory / CONFIG).is_file() else {}
+    config = read_json_object(directory / CONFIG) if (directory / CONFIG).is_file() else {}
     if (directory / MEDUSA_WEIGHTS).is_file() or (directory / MEDUSA_PICKLE).is_file():
         return "medusa"
     if any(k.startswith("medusa_num") for k in config):
@@ -204,16 +204,6 @@ def detect(directory: Path) -> str | None:
     if config.get("model_type") == "medusa":
         return "vllm"
     return None
-
-
-read_json = read_json_object  # the JSON object of a config file, errors naming it
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from e
 
 
 def config_int(config: dict, key: str, path: Path, minimum: int) -> int:
@@ -257,10 +247,10 @@ def read_medusa(directory: Path, vocab_size: int | None) -> tuple[dict, dict[str
         raise FileNotFoundError(f"Medusa heads directory {directory} has no {MEDUSA_WEIGHTS}")
     if not (directory / CONFIG).is_file():
         raise FileNotFoundError(f"Medusa heads directory {directory} has no {CONFIG}")
-    config = read_json(directory / CONFIG)
+    config = read_json_object(directory / CONFIG)
     heads = config_int(config, "medusa_num_heads", directory / CONFIG, 1)
     layers = config_int(config, "medusa_num_layers", directory / CONFIG, 0)
-    tensors = read_tensors(path)
+    tensors = read_safetensors(path)
     out = "{h}." + f"{layers}.weight"  # the output layer follows the blocks in Medusa's nn.Sequential
     shared = not any(out.format(h=h) in tensors for h in range(heads))
     if shared and (layers != 1 or vocab_size is None):
@@ -286,7 +276,7 @@ def read_medusa(directory: Path, vocab_size: int | None) -> tuple[dict, dict[str
 def read_vllm(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(HeadsConfig fields, DraftHeads state dict) of a vLLM Medusa directory (model_type "medusa")."""
     path = directory / CONFIG
-    config = read_json(path)
+    config = read_json_object(path)
     heads = config_int(config, "num_heads", path, 1)
     layers = config_int(config, "num_hidden_layers", path, 0)
     dim = config_int(config, "hidden_size", path, 1)
@@ -302,7 +292,7 @@ def read_vllm(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"vLLM Medusa directory {directory} has no *.safetensors file")
     tensors = {}
     for f in files:
-        tensors.update({k.removeprefix("medusa_heads."): v for k, v in read_tensors(f).items()})
+        tensors.update({k.removeprefix("medusa_heads."): v for k, v in read_safetensors(f).items()})
     where = files[0] if len(files) == 1 else directory
     state = {"block_weight": per_head(tensors, "blocks.{h}.layers.{l}.weight", (dim, dim), where, heads, layers)}
     if config.get("medusa_fc_bias", False):

@@ -20,6 +20,7 @@ from transformers import LogitsProcessorList
 
 from .accept import get_rule, sample
 from .cache import BufferCache, num_decoder_layers
+from .checks import check_values
 from .drafter import DraftSession, FeatureDrafter, tree_plan
 from .heads import DraftHeads
 from .tree import Tree
@@ -164,14 +165,6 @@ def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
     return scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
 
 
-def check_sampling(top_p: float, min_p: float) -> None:
-    """Raise a clear error for a top-p or min-p out of range."""
-    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p!r}")
-    if isinstance(min_p, bool) or not isinstance(min_p, int | float) or not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1] (0: off), got {min_p!r}")
-
-
 def scores_to_probs(
     scores: torch.Tensor,
     history: torch.Tensor,
@@ -235,8 +228,7 @@ class _Decoding:
     def __init__(
         self, model, input_ids, max_new_tokens, extra_positions, eos_token_id, streamer, inputs_embeds=None, stop=None
     ):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_values(max_new_tokens=max_new_tokens)
         self.start = time.perf_counter()
         self.embeds, self.history_start = None, 0  # prompt embeddings; where the token history starts in seq
         if inputs_embeds is not None:
@@ -332,7 +324,7 @@ def generate_ar(
     `attention_mask` decode as a batch (`vadusa.batch`)."""
     from .batch import check_batch, check_batch_extras, embeds_batch, generate_ar_rows
 
-    check_sampling(top_p, min_p)
+    check_values(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     processor = as_processor(logits_processor)
     ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else embeds_batch(attention_mask)
     if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
@@ -497,9 +489,12 @@ def generate(
     """
     from .batch import check_batch, check_batch_extras, embeds_batch, generate_rows
 
-    check_sampling(top_p, min_p)
+    check_values(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        acceptance=acceptance, tolerance=tolerance, typical_epsilon=typical_epsilon, typical_alpha=typical_alpha,
+    )  # fmt: skip
     tree = tree if tree is not None else Tree.chain(heads.max_depth)
-    tree.validate_for(heads.max_depth)
+    tree.validate_for(heads.max_depth, heads.config.vocab_size)
     heads.check_compatible(model)
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
     processor = as_processor(logits_processor)

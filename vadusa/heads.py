@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import formats
-from .configs import read_config
+from .artifacts import config_from_json, read_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -67,10 +67,7 @@ def save_artifact(module: nn.Module, directory: str | os.PathLike) -> None:
 
 def load_weights(module: nn.Module, directory: Path) -> None:
     """Load directory/model.safetensors into `module`; corrupt or mismatched files raise ValueError naming them."""
-    try:
-        state = load_file(directory / WEIGHTS_NAME)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
+    state = read_safetensors(directory / WEIGHTS_NAME)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -214,14 +211,14 @@ class DraftHeads(nn.Module):
                 if not (d / name).is_file():
                     raise FileNotFoundError(f"draft heads directory {d} has no {name}")
             try:
-                config = read_config(HeadsConfig, d / CONFIG_NAME)
+                config = config_from_json(HeadsConfig, d / CONFIG_NAME)
             except ValueError as e:
                 raise ValueError(
-                    f"{e}: not a valid heads config of any known format ({', '.join(formats.FORMATS)}; "
-                    f"Medusa configs have medusa_num_heads, vLLM's model_type 'medusa')"
+                    f"{e} (not a valid heads config of any known format: {', '.join(formats.FORMATS)}; "
+                    "Medusa configs have medusa_num_heads, vLLM's model_type 'medusa')"
                 ) from e
             check_sizes(config, str(d / CONFIG_NAME))
-            check_weight_shapes(lambda: cls(config), d)
+            check_weight_shapes(lambda: cls(config), d)  # before allocating: the config may ask for any size
             heads = cls(config)
             load_weights(heads, d)
         if model is not None:

@@ -40,6 +40,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from .checks import check_values
 from .draft import resolve_tree, vadusa_factory
 from .drafter import load_drafter
 from .generate import GenerationOutput, as_processor, check_prompt, generate
@@ -286,6 +287,7 @@ def pad_finished(out, config: GenerationConfig, eos) -> torch.Tensor:
 
 def sampling_config(max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, **extra) -> GenerationConfig:
     """The GenerationConfig of the engine's sampling options: do_sample at temperature > 0, greedy at 0."""
+    check_values(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p,
                 "min_p": min_p or None}  # fmt: skip
     return GenerationConfig(

@@ -43,6 +43,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import distributed
+from .artifacts import read_lines
+from .checks import check_values, is_integer, is_real
 from .drafter import FeatureDrafter
 from .generate import as_processor, split_model
 from .heads import DraftHeads
@@ -98,21 +100,23 @@ class TrainConfig:
             raise ValueError(f"mode must be 'frozen' or 'joint', got {self.mode!r}")
         if self.loss not in ("kl", "ce"):
             raise ValueError(f"loss must be 'kl' or 'ce', got {self.loss!r}")
-        for name in ("num_heads", "steps", "batch_tokens", "batch_sequences", "sample_batch", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_values(temperature=self.temperature, top_k=self.top_k)  # the base's sampling, as when decoding
+        at_least = {1: ("num_heads", "steps", "batch_tokens", "batch_sequences", "sample_batch", "max_new_tokens",
+                        "samples_per_prompt", "shard_size", "checkpoint_every", "lora_rank", "lora_alpha"),
+                    0: ("num_layers", "teacher_top_k", "warmup")}  # fmt: skip
+        for low, names in at_least.items():
+            for name in names:
+                if not is_integer(getattr(self, name)) or getattr(self, name) < low:
+                    raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        for name in ("lr", "lora_lr", "weight_decay", "grad_clip", "feature_weight", "head_decay", "head_weight"):
+            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
 
 
 # ----- prompts -----
 def read_prompts(path: str | os.PathLike, encode=None) -> list:
     """Non-empty lines of a text file (optionally mapped through `encode`); missing or empty files raise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"prompt file {path} has no non-empty line: need at least one text prompt")
+    lines = read_lines(path, "prompt file")
     return [encode(line) for line in lines] if encode else lines
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import read_json
+
 MAX_RANK = 2**31 - 1  # a rank is a top-k index into a vocabulary: it fits the int32 / int64 buffers
 
 
@@ -70,18 +72,15 @@ class Tree:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tree file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ValueError(f"tree file {path} is not valid JSON: {e}") from e
+        data = read_json(path)
         if isinstance(data, list):  # a bare list of paths, as Medusa ships them
             data = {"paths": data}
         if not isinstance(data, dict) or "paths" not in data:
             raise ValueError(f"tree file {path} must hold {{'paths': [...], 'meta': {{...}}}}")
         try:
             return cls.from_paths(data["paths"], data.get("meta"))
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"tree file {path}: {e}") from e
+        except (ValueError, TypeError) as e:  # the file's paths are not a list of rank lists
+            raise ValueError(f"tree file {path}: {e}") from e
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write {"paths": [...], "meta": {...}} atomically."""
@@ -102,9 +101,14 @@ class Tree:
     def max_rank(self) -> int:
         return max(max(p) for p in self.paths)
 
-    def validate_for(self, num_heads: int) -> None:
+    def validate_for(self, num_heads: int, vocab_size: int | None = None) -> None:
+        """Raise if draft heads of `num_heads` heads over `vocab_size` tokens cannot fill this tree."""
         if self.depth > num_heads:
             raise ValueError(f"tree depth {self.depth} exceeds the number of draft heads ({num_heads})")
+        if vocab_size is not None and self.max_rank >= vocab_size:
+            raise ValueError(
+                f"tree rank {self.max_rank} needs a top-{self.max_rank + 1} of the heads' vocabulary of {vocab_size}"
+            )
 
     # ----- buffers (built once per tree) -----
     @cached_property

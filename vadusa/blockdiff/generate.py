@@ -44,27 +44,16 @@ import torch
 
 from ..accept import sample
 from ..batch import Rows, additive, check_batch, embeds_batch
+from ..checks import check_values
 from ..generate import (
     GenerationOutput,
     _Decoding,
     as_processor,
-    check_sampling,
     reads_history,
     scores_to_probs,
     split_model,
 )
 from .masks import MaskBuffer
-
-UNMASK_RULES = ("any", "prefix")
-
-
-def check_block_options(block_size, threshold, unmask="any") -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    if not isinstance(threshold, int | float) or not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    if unmask not in UNMASK_RULES:
-        raise ValueError(f"unmask must be one of {UNMASK_RULES}, got {unmask!r}")
 
 
 def block_probs(
@@ -179,8 +168,10 @@ def generate(
     The prompt may be `inputs_embeds` (1, T, D) instead of ids (`sequences` then holds the new tokens only).
     (B, T) prompts with a left-padding `attention_mask` decode as a batch in sliding windows (`slide_rows`).
     """
-    check_block_options(block_size, threshold, unmask)
-    check_sampling(top_p, min_p)
+    check_values(
+        block_size=block_size, threshold=threshold, unmask=unmask, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+    )  # fmt: skip
     mask_token_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
     vocab = model.get_input_embeddings().weight.shape[0]
     if mask_token_id is None or not 0 <= int(mask_token_id) < vocab:
@@ -418,10 +409,9 @@ def block_factory(
 
     if adapter is None and assets is None:
         raise ValueError("decoder 'block' needs an adapter directory, or assets holding block/ (the distilled adapter)")
-    check_block_options(1 if block_size is None else block_size, threshold, unmask)
+    check_values(threshold=threshold, block_size=block_size, unmask=unmask)
     student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
-    check_block_options(block_size, threshold, unmask)
     sliding = unmask == "prefix" and not approximate_cache if sliding is None else sliding
     return lambda input_ids, **kw: generate(
         student, input_ids, block_size, threshold, unmask=unmask, approximate_cache=approximate_cache,

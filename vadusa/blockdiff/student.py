@@ -33,7 +33,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from ..configs import read_config
+from ..artifacts import config_from_json, read_json_object, read_safetensors
 
 CONFIG_NAME = "block_config.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -84,7 +84,12 @@ class BlockConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a block-distillation adapter directory")
-        return read_config(cls, path)
+        config = config_from_json(cls, path)
+        if config.block_size < 1 or config.vocab_size < 1:
+            raise ValueError(
+                f"{path}: block_size, vocab_size must be >= 1, got {config.block_size}, {config.vocab_size}"
+            )
+        return config
 
 
 def check_mask_token(mask_token_id, vocab_size: int) -> None:
@@ -130,6 +135,8 @@ def check_adapter(model, directory: Path) -> BlockConfig:
     missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(f"block adapter directory {directory} lacks {missing}")
+    read_json_object(directory / ADAPTER_FILES[0])  # peft's own errors would not name a broken file
+    read_safetensors(directory / ADAPTER_FILES[1])
     config = BlockConfig.load(directory)
     vocab = model.get_input_embeddings().weight.shape[0]
     if config.vocab_size != vocab or config.base_fingerprint != base_fingerprint(model):
@@ -140,8 +147,6 @@ def check_adapter(model, directory: Path) -> BlockConfig:
         )
     try:
         check_mask_token(config.mask_token_id, vocab)
-        if config.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {config.block_size}")
     except ValueError as e:
         raise ValueError(f"{directory / CONFIG_NAME}: {e}") from e
     return config

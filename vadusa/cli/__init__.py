@@ -4,4 +4,68 @@ vadusa-decode       = decode.py          synthesise speech, or --compare (the A/
 vadusa-train-heads  = train_heads.py     train draft heads / the feature drafter, accuracy, trees
 vadusa-train-block  = train_block.py     block distillation
 vadusa-build-demo   = scripts/build_demo.py   rebuild the shipped demo TTS
+vadusa-app          = app.py             the web demo
+
+Every tool reports a user's mistake as one line, `<tool>: error: ...`, on stderr with exit status 2: bad
+arguments (`Parser`) and the errors the library raises for bad values, files and artifacts (`USER_ERRORS`,
+`reports_user_errors`). Anything else is a bug and keeps its traceback.
 """
+
+import argparse
+import functools
+import inspect
+import sys
+from pathlib import Path
+
+# What the library raises for a user's bad value, text, file or artifact. TypeError is not here: the library
+# raises ValueError for bad values read from the command line or from files, so a TypeError is a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: message (see --help)`, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def message(e: BaseException) -> str:
+    """One line for a user error: an OSError as 'reason: file', anything else its text with newlines folded."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def reports_user_errors(main):
+    """Decorate a CLI's `main(argv) -> int`: a `USER_ERRORS` exception becomes one stderr line and status 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            print(f"{prog_name(main)}: error: {message(e)}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def prog_name(main) -> str:
+    """`decode.py`, `train_heads.py`, ... : the name of the CLI's file (also under `python -m`)."""
+    return Path(inspect.getfile(main)).name
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from vadusa.cli import Parser, positive_int, reports_user_errors
 from vadusa.speech import TTSPipeline
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument(
         "--stream-audio", action=argparse.BooleanOptionalAction, default=None,
@@ -42,6 +43,7 @@ def serve(args):
     return demo
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -49,11 +51,7 @@ def main(argv=None) -> int:
     except ImportError:
         print('error: the web demo needs gradio: pip install ".[app]"', file=sys.stderr)
         return 2
-    try:
-        demo = serve(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    demo = serve(args)
     demo.block_thread()  # until Ctrl-C
     return 0
 

@@ -15,27 +15,31 @@ from pathlib import Path
 
 import torch
 
+from vadusa.cli import Parser, nonnegative_int, positive_int, reports_user_errors
 from vadusa.speech import build, corpus
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"  # the package's shipped demo
 
 
+@reports_user_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEMO_DIR, help="shipped directory")
     p.add_argument("--work", type=Path, default=None, help="cache directory (default: ~/.cache/vadusa/demo-build)")
     p.add_argument("--quick", action="store_true", help="tiny corpus and models, about two minutes")
     p.add_argument("--stage", choices=build.STAGES, action="append", help="run only these stages (repeatable)")
-    p.add_argument("--max-sentences", type=int, default=None, help="cap the corpus size")
-    p.add_argument("--workers", type=int, default=2, help="processes for the corpus synthesis")
+    p.add_argument("--max-sentences", type=positive_int, default=None, help="cap the corpus size")
+    p.add_argument("--workers", type=positive_int, default=2, help="processes for the corpus synthesis")
     d = build.BuildConfig(work=Path(), out=Path())
-    p.add_argument("--judge-steps", type=int, default=d.judge_steps, help="judge optimizer steps (full build)")
-    p.add_argument("--judge-restart", type=int, default=d.judge_restart, help="judge warm-restart step (0: none)")
-    p.add_argument("--lm-steps", type=int, default=d.lm_steps, help="LM optimizer steps (full build)")
-    p.add_argument("--lm-restart", type=int, default=d.lm_restart, help="LM warm-restart step (0: none)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    p.add_argument("--judge-steps", type=positive_int, default=d.judge_steps, help="judge optimizer steps (full build)")
+    p.add_argument(
+        "--judge-restart", type=nonnegative_int, default=d.judge_restart, help="judge warm-restart step (0: none)"
+    )
+    p.add_argument("--lm-steps", type=positive_int, default=d.lm_steps, help="LM optimizer steps (full build)")
+    p.add_argument("--lm-restart", type=nonnegative_int, default=d.lm_restart, help="LM warm-restart step (0: none)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads of this process")
     p.add_argument("--write-texts", choices=["train", "valid", "test"], help="only write sentences of this split")
-    p.add_argument("--count", type=int, default=20, help="how many sentences --write-texts writes")
+    p.add_argument("--count", type=positive_int, default=20, help="how many sentences --write-texts writes")
     p.add_argument("--texts-out", type=Path, default=Path("held_out.txt"), help="file --write-texts writes")
     args = p.parse_args(argv)
     if args.write_texts:

@@ -33,6 +33,9 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vadusa.bench import compare, read_texts, task_from_pipeline
+from vadusa.checks import check_values
+from vadusa.cli import Parser, positive_int, reports_user_errors
+from vadusa.decoders import check_options
 from vadusa.speech import TTSPipeline
 from vadusa.speech.stats import summary, text_stats
 
@@ -42,7 +45,7 @@ SAMPLING_FLAGS = ("top_k", "top_p", "min_p")  # given to every decoder's run if 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="text to speak")
     p.add_argument("-o", "--output", type=Path, help="output wav (single text)")
     p.add_argument("--texts", type=Path, help="file with one text per line")
@@ -61,9 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="sampling seed (text i of --texts uses seed + i)")
     p.add_argument("--json", type=Path, help="write per-text and summary statistics here")
     p.add_argument("--model-dir", type=Path, default=None, help="demo weights directory (default: shipped)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.add_argument(
-        "--batch-size", type=int, default=1,
+        "--batch-size", type=positive_int, default=1,
         help="--texts / --compare: decode this many texts together (left-padded batch; 1: one at a time)",
     )  # fmt: skip
     p.add_argument("--stream", action="store_true", help="stream the audio in chunks; print the time to first audio")
@@ -88,11 +91,9 @@ def parse_args(argv=None):
     c = p.add_argument_group("A/B comparison")
     c.add_argument("--compare", action="store_true", help="run the A/B harness on --texts into --out-dir")
     c.add_argument("--configs", help="rows to compare (default: every shipped decoder and the key sweeps)")
-    c.add_argument("--repeats", type=int, default=3, help="timed repeats per row and text (median reported)")
+    c.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per row and text (median reported)")
     c.add_argument("--quick", action="store_true", help="a couple of minutes: a few rows, one repeat")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size > 1 and args.texts is None:
         p.error("--batch-size needs --texts FILE (or --compare)")
     if args.batch_size > 1 and args.stream:
@@ -115,6 +116,34 @@ def user_options(args) -> dict:
     return {k: getattr(args, k) for k in DECODER_FLAGS + SAMPLING_FLAGS if getattr(args, k) is not None}
 
 
+def check_args(args) -> None:
+    """The options' values, the decoder and the output paths, checked before any weights are loaded."""
+    check_values(temperature=args.temperature, **user_options(args))
+    if not args.compare:
+        build = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k) is not None}
+        check_options(args.decoder, build)  # an unknown decoder, or e.g. --tolerance for --decoder ar
+    if args.output is not None:
+        if args.output.is_dir():
+            raise IsADirectoryError(f"-o {args.output} is a directory: give a file name such as out.wav")
+        if args.output.suffix[1:].upper() not in soundfile.available_formats():
+            raise ValueError(f"-o {args.output}: soundfile cannot write {args.output.suffix!r} audio; use .wav")
+    for flag, path in (("-o", args.output and args.output.parent), ("--out-dir", args.out_dir),
+                       ("--json", args.json and args.json.parent)):  # fmt: skip
+        while path is not None and not path.exists() and path != path.parent:
+            path = path.parent  # the nearest existing ancestor must be a directory
+        if path is not None and not path.is_dir():
+            raise NotADirectoryError(f"{flag}: {path} is a file, not a directory")
+
+
+def write_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
+    """Write a wav (its directory made); a path libsndfile cannot open is the user's: an OSError naming it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        soundfile.write(str(path), wav, sample_rate)
+    except soundfile.LibsndfileError as e:
+        raise PermissionError(f"cannot write {path}: {e.error_string}") from e
+
+
 def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, out=None) -> dict:
     """Synthesise one text (or vocode its decoder output `out`), write its wav, return its stats row."""
     if out is None:
@@ -127,8 +156,7 @@ def speak(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, out=None) ->
     start = time.perf_counter()
     wav, sr = pipe.vocode(pipe.units(out))
     vocode_seconds = time.perf_counter() - start
-    wav_path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(wav_path), wav, sr)
+    write_wav(wav_path, wav, sr)
     voice = args.voice or pipe.voices[0]
     return text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
                       len(wav) / sr, out, vocode_seconds)  # fmt: skip
@@ -153,8 +181,7 @@ def speak_streamed(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, opt
     chunks = list(stream)
     wav = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     sr = stream.sample_rate
-    wav_path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(wav_path), wav, sr)
+    write_wav(wav_path, wav, sr)
     out, voice = stream.output, args.voice or pipe.voices[0]
     row = text_stats(text, wav_path, voice, args.decoder, args.temperature, seed, pipe.cer(wav, sr, text),
                      len(wav) / sr, out, stream.seconds - out.seconds)  # fmt: skip
@@ -165,39 +192,37 @@ def speak_streamed(pipe: TTSPipeline, text: str, wav_path: Path, args, seed, opt
     return row
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_args(args)
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 4 MB model
-    try:
-        pipe = TTSPipeline.from_pretrained(args.model_dir)
-        if args.compare:
-            task = task_from_pipeline(pipe, read_texts(args.texts), args.voice, args.temperature)
-            report = compare(
-                task,
-                args.out_dir,
-                args.configs,
-                args.repeats,
-                args.seed or 0,
-                args.quick,
-                command="python " + " ".join(sys.argv),
-                batch_size=args.batch_size,
-            )
-            print(f"{len(report['rows'])} rows -> {args.out_dir}/report.md, report.json, pareto.png")
-            return 0
-        if args.text is not None:
-            rows = [speak(pipe, args.text, args.output, args, args.seed)]
-        elif args.batch_size > 1:
-            rows = speak_batches(pipe, read_texts(args.texts), args)
-        else:
-            texts = read_texts(args.texts)
-            rows = []
-            for i, text in enumerate(tqdm(texts, desc="synthesise", unit="text")):
-                seed = None if args.seed is None else args.seed + i
-                rows.append(speak(pipe, text, args.out_dir / f"{i:04d}.wav", args, seed))
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    texts = read_texts(args.texts) if args.texts is not None else None  # a bad file fails before any loading
+    pipe = TTSPipeline.from_pretrained(args.model_dir)
+    if args.compare:
+        task = task_from_pipeline(pipe, texts, args.voice, args.temperature)
+        report = compare(
+            task,
+            args.out_dir,
+            args.configs,
+            args.repeats,
+            args.seed or 0,
+            args.quick,
+            command="python " + " ".join(sys.argv),
+            batch_size=args.batch_size,
+        )
+        print(f"{len(report['rows'])} rows -> {args.out_dir}/report.md, report.json, pareto.png")
+        return 0
+    if args.text is not None:
+        rows = [speak(pipe, args.text, args.output, args, args.seed)]
+    elif args.batch_size > 1:
+        rows = speak_batches(pipe, texts, args)
+    else:
+        rows = []
+        for i, text in enumerate(tqdm(texts, desc="synthesise", unit="text")):
+            seed = None if args.seed is None else args.seed + i
+            rows.append(speak(pipe, text, args.out_dir / f"{i:04d}.wav", args, seed))
     stats = {"texts": rows, "summary": summary(rows)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

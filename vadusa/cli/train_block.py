@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from vadusa import distributed
+from vadusa.artifacts import read_json
 from vadusa.blockdiff.train import TrainConfig, read_log, train
+from vadusa.cli import Parser, positive_int, reports_user_errors
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,8 +70,9 @@ def demo_task(corpus: Path | None, lm_dir: Path, count: int):
     return model, prompts, vocab.pad, vocab.eos, processor
 
 
+@reports_user_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--demo", action="store_true", help="the demo codec LM, train-split prompts")
     source.add_argument("--model", type=Path, help="a transformers causal LM directory")
@@ -82,28 +85,31 @@ def main(argv=None) -> int:
     parser.add_argument("--eos-token-id", type=int, help="with --model: the stop token of the teacher's samples")
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
     parser.add_argument("--install", type=Path, help="copy the final adapter into this directory")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     add_config_flags(parser)
     args = parser.parse_args(argv)
+    if args.model is not None and args.prompts is None:
+        parser.error("--model needs --prompts")
+    for flag, path in (("--corpus", args.corpus), ("--model", args.model), ("--lm-dir", args.demo and args.lm_dir)):
+        if path and not path.is_dir():
+            raise NotADirectoryError(f"{flag} {path} is not a directory")
+    prompts = read_json(args.prompts) if args.model is not None else None
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # checked here
     torch.set_num_threads(args.threads)
     world = distributed.init()  # torchrun's process group; world size 1 (nothing initialised) under plain python
 
     if args.demo:
         model, prompts, mask_id, eos_id, processor = demo_task(args.corpus, args.lm_dir, args.pool_size)
     else:
-        if args.prompts is None:
-            parser.error("--model needs --prompts")
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        prompts, mask_id, eos_id, processor = (
-            json.loads(args.prompts.read_text()),
+        mask_id, eos_id, processor = (
             args.mask_token_id,
             args.eos_token_id,
             None,
         )
 
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     adapter = train(model.to(distributed.device()), prompts, config, mask_id, eos_id, processor, resume=args.resume)
     distributed.teardown()
     if not world.is_main:

@@ -31,6 +31,7 @@ import torch
 from vadusa import accuracy as acc_lib
 from vadusa import distributed
 from vadusa import train as train_lib
+from vadusa.cli import Parser, nonnegative_int, positive_int, reports_user_errors
 from vadusa.draft import vadusa_factory
 from vadusa.drafter import load_drafter
 
@@ -50,8 +51,6 @@ def load_base(args):
             return pipe.max_new_tokens(text, *voice_rate_of(text))
 
         return pipe.model, encode, pipe.logits_processor, pipe.eos_token_id, cap
-    if args.model is None:
-        raise SystemExit("pass --demo [DIR] or --model DIR")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(distributed.device())
@@ -68,31 +67,45 @@ def config_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=type(f.default), default=f.default, dest=f.name)
 
 
+@reports_user_errors
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", nargs="?", const="", default=None, help="use the demo TTS (optional weights dir)")
     p.add_argument("--model", default=None, help="a transformers causal LM directory (instead of --demo)")
     p.add_argument("--prompts", type=Path, help="training prompts, one text per line: sample the base into --cache")
     p.add_argument("--cache", type=Path, help="cache directory for the base's states (outside the repo)")
     p.add_argument("--train", action="store_true", help="train heads on --cache into --out")
     p.add_argument("--out", type=Path, required=True, help="heads directory")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N training prompts")
+    p.add_argument("--max-prompts", type=positive_int, default=None, help="use only the first N training prompts")
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint.safetensors")
     p.add_argument("--accuracy", action="store_true", help="measure acc[h][r] on --heldout -> <out>/accuracy.json")
     p.add_argument("--heldout", type=Path, help="held-out prompts, one text per line")
-    p.add_argument("--max-heldout", type=int, default=None, help="use only the first N held-out prompts")
-    p.add_argument("--max-rank", type=int, default=9, help="highest top-k rank measured / used in trees")
+    p.add_argument("--max-heldout", type=positive_int, default=None, help="use only the first N held-out prompts")
+    p.add_argument("--max-rank", type=nonnegative_int, default=9, help="highest top-k rank measured / used in trees")
     p.add_argument("--build-trees", action="store_true", help="choose and write trees from <out>/accuracy.json")
     p.add_argument("--name", default="demo", help="model name in tree file names")
     p.add_argument("--trees-dir", type=Path, default=Path("trees"), help="where tree JSON/PNG files go")
-    p.add_argument("--max-nodes", type=int, default=64, help="largest tree (non-root nodes) considered")
+    p.add_argument("--max-nodes", type=positive_int, default=64, help="largest tree (non-root nodes) considered")
     p.add_argument("--sweep-sizes", default="", help="also write best trees of these sizes (comma list)")
     p.add_argument("--sweep-dir", type=Path, default=None, help="where --sweep-sizes trees go (outside the repo)")
     p.add_argument("--measure", action="store_true", help="measured accepted tokens/step on --heldout (tree=auto)")
     p.add_argument("--tolerances", default="1,2,3,4", help="tau values for --measure")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     config_args(p)
     args = p.parse_args(argv)
+    if args.demo is None and args.model is None:
+        p.error("pass --demo [DIR] or --model DIR")
+    if (args.prompts is not None or args.train) and args.cache is None:
+        p.error("--prompts and --train need --cache DIR (the base's cached states)")
+    if (args.accuracy or args.measure) and args.heldout is None:
+        p.error("--accuracy and --measure need --heldout FILE")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise NotADirectoryError(f"--model {args.model} is not a directory (a transformers causal LM)")
+    tolerances = parse_ints(p, "--tolerances", args.tolerances)
+    sweep_sizes = parse_ints(p, "--sweep-sizes", args.sweep_sizes)
+    # every file is read before the base is loaded: a bad one fails at once
+    train_texts = train_lib.read_prompts(args.prompts)[: args.max_prompts] if args.prompts is not None else None
+    heldout_texts = train_lib.read_prompts(args.heldout)[: args.max_heldout] if args.heldout is not None else None
     torch.set_num_threads(args.threads)
     world = distributed.init()  # torchrun's process group; world size 1 (nothing initialised) under plain python
     config = train_lib.config_from_dict(
@@ -100,14 +113,11 @@ def main(argv=None):
     )
     model, encode, processor, eos, cap = load_base(args)
     heldout = None
-    if args.heldout is not None:
-        texts = train_lib.read_prompts(args.heldout)[: args.max_heldout]
-        heldout = ([encode(t) for t in texts], [cap(t) for t in texts])
+    if heldout_texts is not None:
+        heldout = ([encode(t) for t in heldout_texts], [cap(t) for t in heldout_texts])
 
-    if (args.prompts is not None or args.train) and args.cache is None:
-        raise SystemExit("--prompts and --train need --cache DIR (the base's cached states)")
-    if args.prompts is not None:
-        texts = train_lib.read_prompts(args.prompts)[: args.max_prompts]
+    if train_texts is not None:
+        texts = train_texts
         prompts, caps = [encode(t) for t in texts], [cap(t) for t in texts]
         train_lib.build_cache(model, prompts, config, args.cache, processor, eos, caps=caps)
     if args.train or args.resume:
@@ -120,8 +130,6 @@ def main(argv=None):
         return 0
 
     if args.accuracy:
-        if heldout is None:
-            raise SystemExit("--accuracy needs --heldout FILE")
         heads = load_drafter(args.out, model)
         base = vadusa_factory(model, None, heads=str(args.out), tree="chain").model  # merged LoRA if joint
         report = acc_lib.measure_accuracy(
@@ -139,7 +147,7 @@ def main(argv=None):
         summary = acc_lib.build_trees(
             model, heads, report, args.trees_dir, args.name, heads_dir=args.out,
             max_nodes=args.max_nodes, max_rank=args.max_rank, states=states,
-            sweep_sizes=[int(n) for n in args.sweep_sizes.split(",") if n], sweep_dir=args.sweep_dir,
+            sweep_sizes=sweep_sizes, sweep_dir=args.sweep_dir,
             logits_processor=processor,
         )  # fmt: skip
         acc_lib.save_accuracy(summary, args.out / "trees.json")
@@ -147,10 +155,8 @@ def main(argv=None):
             print(f"{rule}: size {s['size']} expected {s['expected_tokens_per_step']:.2f} tokens/step -> {s['file']}")
 
     if args.measure:
-        if heldout is None:
-            raise SystemExit("--measure needs --heldout FILE")
         results = {}
-        for tau in [int(t) for t in args.tolerances.split(",")]:
+        for tau in tolerances:
             run = vadusa_factory(model, None, heads=str(args.out), tree="auto", tolerance=tau)
             m = acc_lib.measure_accepted(run, heldout[0], heldout[1], logits_processor=processor, eos_token_id=eos)
             m["predicted"] = run.tree.meta.get("expected_tokens_per_step")
@@ -158,6 +164,17 @@ def main(argv=None):
             results[f"tau{tau}"] = m
             print(f"tau{tau}: " + json.dumps(m))
         acc_lib.save_accuracy(results, args.out / "measured.json")
+
+
+def parse_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """A comma list of integers >= 1 ("1,2,3"); anything else is a usage error naming `flag`."""
+    try:
+        values = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"{flag} must be a comma list of integers, got {text!r}")
+    if any(v < 1 for v in values):
+        parser.error(f"{flag} must hold integers >= 1, got {text!r}")
+    return values
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ mel = codec.decode(units)                        # -> (2 * U, 80) centroid frame
 wav = codec.vocode(units)                        # -> float32 numpy at 16 kHz (Griffin-Lim)
 """
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..artifacts import config_from_json
 from .audio import MEL, mel_to_wav
 from .store import read_tensors, write_json, write_tensors
 
@@ -124,5 +124,13 @@ class UnitCodec:
     @classmethod
     def from_pretrained(cls, directory: Path) -> "UnitCodec":
         directory = Path(directory)
-        config = CodecConfig(**json.loads((directory / "config.json").read_text()))
-        return cls(read_tensors(directory / "model.safetensors")["centroids"], config)
+        config = config_from_json(CodecConfig, directory / "config.json")
+        tensors = read_tensors(directory / "model.safetensors")
+        centroids = tensors.get("centroids")
+        expected = (config.num_units, config.stack * config.n_mels)
+        if centroids is None or tuple(centroids.shape) != expected:
+            shape = None if centroids is None else tuple(centroids.shape)
+            raise ValueError(
+                f"{directory / 'model.safetensors'} must hold 'centroids' of shape {expected}, got {shape}"
+            )
+        return cls(centroids, config)

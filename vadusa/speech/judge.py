@@ -9,7 +9,6 @@ Log-mels are mean-normalised per utterance (per band), so gain differences betwe
 and vocoded audio do not matter.
 """
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import jiwer
 import torch
 from torch import nn
 
+from ..artifacts import config_from_json
 from .audio import MEL, log_mel
 from .store import read_tensors, write_json, write_tensors
 from .text import JUDGE_CHARS, judge_text
@@ -126,6 +126,9 @@ class Judge(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Path) -> "Judge":
         directory = Path(directory)
-        judge = cls(JudgeConfig(**json.loads((directory / "config.json").read_text())))
-        judge.load_state_dict(read_tensors(directory / "model.safetensors"))  # copies into float32 parameters
+        judge = cls(config_from_json(JudgeConfig, directory / "config.json"))
+        try:
+            judge.load_state_dict(read_tensors(directory / "model.safetensors"))  # copies into float32 parameters
+        except RuntimeError as e:  # missing or mis-shaped tensors
+            raise ValueError(f"{directory / 'model.safetensors'} does not match its config.json: {e}") from e
         return judge.eval()

@@ -8,12 +8,13 @@ A training sequence is
 and the prompt of a synthesis is everything up to and including <sep>.
 """
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor
+
+from ..artifacts import config_from_json
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
 
@@ -70,7 +71,7 @@ class Vocab:
 
     @classmethod
     def load(cls, path: Path) -> "Vocab":
-        return cls(**json.loads(Path(path).read_text()))
+        return config_from_json(cls, Path(path))
 
 
 @dataclass

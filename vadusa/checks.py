@@ -1,0 +1,55 @@
+"""The one check of every decoder option a user sets: each bad value gets the same clear ValueError.
+
+    check_values(temperature=0.8, top_k=50, tolerance=0)
+    # ValueError: tolerance must be an integer >= 1, got 0
+
+The decoders (`generate`, `generate_ar`, `blockdiff.generate`), their factories (`vadusa_factory`,
+`block_factory`) and the CLIs call it, before anything is loaded, so the Python API and the command line
+say the same thing. Conventions: temperature 0 is greedy; top_k None or 0, top_p 1 and min_p 0 are off;
+block_size None is the adapter's own. Names without a rule here (tree, streamer, ...) are left to their users.
+"""
+
+import math
+
+ACCEPTANCE_RULES = ("greedy", "tolerance", "typical", "lossless")  # vadusa.accept's rules
+UNMASK_RULES = ("any", "prefix")  # block decoding: Fast-dLLM's rule, or only a leading run of targets
+
+
+def is_real(value) -> bool:
+    """A finite int or float (bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def is_integer(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def is_budget(value) -> bool:
+    """max_new_tokens: an integer >= 1, or (a batch) a non-empty list / tuple of them, one per row."""
+    if isinstance(value, list | tuple):
+        return len(value) > 0 and all(is_integer(v) and v >= 1 for v in value)
+    return is_integer(value) and value >= 1
+
+
+# option name -> (test of a good value, what is expected: "<name> must be <expected>, got <value>")
+RULES = {
+    "temperature": (lambda v: is_real(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    "top_k": (lambda v: v is None or (is_integer(v) and v >= 0), "None or an integer >= 0 (None or 0: off)"),
+    "top_p": (lambda v: is_real(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
+    "min_p": (lambda v: is_real(v) and 0 <= v <= 1, "in [0, 1] (0: off)"),
+    "max_new_tokens": (is_budget, "an integer >= 1 (a batch: a list of them, one per row)"),
+    "acceptance": (lambda v: v in ACCEPTANCE_RULES, f"one of {ACCEPTANCE_RULES}"),
+    "tolerance": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+    "typical_epsilon": (lambda v: is_real(v) and 0 <= v <= 1, "in [0, 1]"),
+    "typical_alpha": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
+    "threshold": (lambda v: is_real(v) and 0 < v <= 1, "in (0, 1]"),
+    "block_size": (lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1"),
+    "unmask": (lambda v: v in UNMASK_RULES, f"one of {UNMASK_RULES}"),
+}
+
+
+def check_values(**options) -> None:
+    """Raise ValueError naming the first option whose value breaks its rule in `RULES`."""
+    for name, value in options.items():
+        if name in RULES and not RULES[name][0](value):
+            raise ValueError(f"{name} must be {RULES[name][1]}, got {value!r}")
