@@ -446,3 +446,22 @@ def test_found_block_configs_refused_clearly(block_adapter):
             load_student(model, d)
         assert str(d / "block_config.json") in str(e.value)
     (d / "block_config.json").write_text(json.dumps(valid))
+
+
+def test_found_decoder_options_refused_clearly(decoder_assets):
+    model, assets = decoder_assets
+    run = vadusa.build_decoder("vadusa", model, assets, tree="chain")
+    cases = [  # each was a traceback (or took the machine's memory) before any check
+        (lambda: vadusa.build_decoder("vadusa", model, assets, tolerance=2**31), "tolerance must be an integer in"),
+        (lambda: vadusa.build_decoder("vadusa", model, assets, tree=3), "tree must be 'auto', 'chain', a tree file"),
+        (lambda: vadusa.build_decoder("block", model, assets, sliding="yes"), "sliding must be None, True or False"),
+        (lambda: vadusa.build_decoder("block", model, assets, block_size=2**31), "block_size must be an integer in"),
+        (lambda: run(PROMPT, eos_token_id="a"), "eos_token_id must be None, a token id >= 0"),
+        (lambda: run(PROMPT, max_new_tokens=10**9), "max_new_tokens 1000000000 .* exceeds the model's 1024 positions"),
+        (lambda: run(PROMPT, temperature=10**400), "temperature must be a finite number"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()
+    out = run(PROMPT, max_new_tokens=3, temperature=10**30, generator=torch.Generator().manual_seed(0))  # an int
+    assert out.new_tokens == 3
