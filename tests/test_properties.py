@@ -81,7 +81,7 @@ def check_buffers(tree: vadusa.Tree) -> None:
         assert path[0] == 0 and all(parents[b] == a for a, b in zip(path, path[1:], strict=False))
 
 
-@settings(max_examples=budget(300), deadline=None)
+@settings(max_examples=budget(200), deadline=None)
 @given(paths=nested | st.lists(nested, max_size=6), meta=st.none() | nested)
 @example(paths=[[True], [True, 0]], meta=None)  # bools are not ranks
 @example(paths=[[2**70]], meta=None)  # a rank beyond int64 broke the buffers
@@ -98,7 +98,7 @@ def test_tree_from_paths_any_input(paths, meta):
     check_buffers(tree)
 
 
-@settings(max_examples=budget(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=budget(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(paths=valid_paths(), meta=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5)))
 def test_tree_json_round_trip(tmp_path, paths, meta):
     tree = vadusa.Tree.from_paths(paths, meta)
@@ -123,7 +123,7 @@ json_docs = (
 )
 
 
-@settings(max_examples=budget(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=budget(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=json_docs | st.binary(max_size=40))
 @example(doc="[" * 100_000 + "]" * 100_000)  # RecursionError out of json.loads
 @example(doc=b"\xff\xfe[[0]]")  # not UTF-8: the error named no file
@@ -217,7 +217,7 @@ def heads_dir(tmp_path_factory):
     return d
 
 
-@settings(max_examples=budget(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=budget(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=config_dicts(HEADS_CONFIG | {"root_token": False}, ["shared_output", "base_model", "kind",
                                                                     "medusa_num_heads", "model_type"]))  # fmt: skip
 @example(config=HEADS_CONFIG | {"num_heads": 2**40, "vocab_size": 2**40})  # allocated 2^84 floats before the check
