@@ -220,7 +220,7 @@ def test_per_row_budgets_and_bad_budgets(setup):
         assert [out.row_tokens(i).tolist() for i in range(4)] == singles and out.row_new_tokens == budgets
         with pytest.raises(ValueError, match="max_new_tokens has 3 budgets for a batch of 4 rows"):
             run(ids, attention_mask=mask, max_new_tokens=[1, 2, 3])
-        with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 1 .*, got 0"):
+        with pytest.raises(ValueError, match=r"max_new_tokens\[2\] must be an integer >= 1 .*, got 0"):
             run(ids, attention_mask=mask, max_new_tokens=[1, 2, 0, 3])
 
 

@@ -54,7 +54,6 @@ BAD_VALUES = [
     ("tolerance", True),
     ("max_new_tokens", 0),
     ("max_new_tokens", 2.5),
-    ("max_new_tokens", [3, 0]),
     ("typical_epsilon", 1.5),
     ("typical_alpha", -0.1),
     ("threshold", 0.0),
@@ -69,6 +68,13 @@ BAD_VALUES = [
 def test_check_values_names_the_bad_option(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be .*, got {re.escape(repr(value))}$"):
         check_values(**{name: value})
+
+
+def test_check_values_names_the_bad_row_of_a_batch():
+    with pytest.raises(ValueError, match=r"^max_new_tokens\[1\] must be an integer >= 1 .*, got 0$"):
+        check_values(max_new_tokens=[3, 0])
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be .*, got \[\]$"):
+        check_values(max_new_tokens=[])
 
 
 def test_check_values_accepts_good_and_off_values():
@@ -148,6 +154,9 @@ def test_decode_paths_are_checked_first(capsys, tmp_path, monkeypatch):
     ]
     for argv, expected in cases:
         assert expected in one_error_line(capsys, decode.main(argv)), argv
+    texts.write_text("Hello there.\nI have 3 cats.\n")
+    err = one_error_line(capsys, decode.main(["--texts", str(texts), "--out-dir", str(tmp_path / "w")]))
+    assert f"{texts}, text 2: text contains unsupported character(s) ['3']" in err
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"Hello.\nBad \xff byte.\n")
     err = one_error_line(capsys, decode.main(["--texts", str(bad), "--out-dir", str(tmp_path)]))
@@ -180,7 +189,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("script", "argv", "expected"),
     [
-        ("decode.py", ["Hello.", "-o", "x.wav", "--temperature", "-1"], "decode.py: error: temperature must be"),
+        ("decode.py", ["Hello.", "-o", "x.wav", "--temperature", "-1"], "error: temperature must be"),
     ],
 )
 def test_subprocess_exit_status_and_one_line(tmp_path, script, argv, expected):

@@ -54,7 +54,10 @@ RULES = {
 
 
 def check_values(**options) -> None:
-    """Raise ValueError naming the first option whose value breaks its rule in `RULES`."""
+    """Raise ValueError naming the first option whose value breaks its rule in `RULES` (in a list of per-row
+    values, the first bad row: `max_new_tokens[2] must be ...`)."""
     for name, value in options.items():
         if name in RULES and not RULES[name][0](value):
-            raise ValueError(f"{name} must be {RULES[name][1]}, got {value!r}")
+            rows = enumerate(value) if isinstance(value, list | tuple) else []
+            name, value = next(((f"{name}[{i}]", v) for i, v in rows if not RULES[name][0](v)), (name, value))
+            raise ValueError(f"{name} must be {RULES[name.partition('[')[0]][1]}, got {value!r}")

@@ -89,5 +89,6 @@ def check_options(name: str, options: dict) -> None:
         raise ValueError(f"unknown decoder {name!r}; expected one of {sorted(DECODERS)}")
     unknown = sorted(set(options) - set(decoder_options(name)))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; it accepts {decoder_options(name)}")
+        accepted = decoder_options(name) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for decoder {name!r}; it accepts {accepted}")
     check_values(**options)

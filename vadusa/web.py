@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.figure import Figure
 
+from .cli import message
 from .generate import GenerationOutput
 from .speech.audio import log_mel
 from .speech.pipeline import TTSPipeline
@@ -186,8 +187,8 @@ def int16(wav: np.ndarray) -> np.ndarray:
 
 
 def error_message(e: BaseException) -> str:
-    """The CLI's wording (`error: ...`, as decode.py prints it)."""
-    return f"error: {e}"
+    """The CLI's wording (`error: ...`, as decode.py prints it: `vadusa.cli.message`)."""
+    return f"error: {message(e)}"
 
 
 # ----- the page -----

@@ -6,16 +6,15 @@ vadusa-train-block  = train_block.py     block distillation
 vadusa-build-demo   = scripts/build_demo.py   rebuild the shipped demo TTS
 vadusa-app          = app.py             the web demo
 
-Every tool reports a user's mistake as one line, `<tool>: error: ...`, on stderr with exit status 2: bad
-arguments (`Parser`) and the errors the library raises for bad values, files and artifacts (`USER_ERRORS`,
-`reports_user_errors`). Anything else is a bug and keeps its traceback.
+Every tool reports a user's mistake as one line on stderr with exit status 2: bad arguments as
+`<tool>: error: ...` (`Parser`), and the errors the library raises for bad values, files and artifacts as
+`error: ...` (`USER_ERRORS`, `reports_user_errors`; the web demo shows the same line). Anything else is a bug
+and keeps its traceback.
 """
 
 import argparse
 import functools
-import inspect
 import sys
-from pathlib import Path
 
 # What the library raises for a user's bad value, text, file or artifact. TypeError is not here: the library
 # raises ValueError for bad values read from the command line or from files, so a TypeError is a bug.
@@ -44,15 +43,10 @@ def reports_user_errors(main):
         try:
             return main(argv)
         except USER_ERRORS as e:
-            print(f"{prog_name(main)}: error: {message(e)}", file=sys.stderr)
+            print(f"error: {message(e)}", file=sys.stderr)  # the web demo shows the same line (vadusa.web)
             return 2
 
     return wrapped
-
-
-def prog_name(main) -> str:
-    """`decode.py`, `train_heads.py`, ... : the name of the CLI's file (also under `python -m`)."""
-    return Path(inspect.getfile(main)).name
 
 
 def positive_int(text: str) -> int:

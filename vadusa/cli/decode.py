@@ -38,6 +38,7 @@ from vadusa.cli import Parser, positive_int, reports_user_errors
 from vadusa.decoders import check_options
 from vadusa.speech import TTSPipeline
 from vadusa.speech.stats import summary, text_stats
+from vadusa.speech.text import check_text
 
 # given to the decoder if set
 DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache", "sliding")
@@ -199,6 +200,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 4 MB model
     texts = read_texts(args.texts) if args.texts is not None else None  # a bad file fails before any loading
+    for i, text in enumerate(texts or [args.text]):
+        try:
+            check_text(text)
+        except ValueError as e:
+            raise ValueError(f"{args.texts}, text {i + 1}: {e}" if texts else str(e)) from e
     pipe = TTSPipeline.from_pretrained(args.model_dir)
     if args.compare:
         task = task_from_pipeline(pipe, texts, args.voice, args.temperature)

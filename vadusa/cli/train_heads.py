@@ -117,8 +117,7 @@ def main(argv=None):
         heldout = ([encode(t) for t in heldout_texts], [cap(t) for t in heldout_texts])
 
     if train_texts is not None:
-        texts = train_texts
-        prompts, caps = [encode(t) for t in texts], [cap(t) for t in texts]
+        prompts, caps = [encode(t) for t in train_texts], [cap(t) for t in train_texts]
         train_lib.build_cache(model, prompts, config, args.cache, processor, eos, caps=caps)
     if args.train or args.resume:
         heads = train_lib.train(model, config, args.cache, args.out, resume=args.resume)
