@@ -388,7 +388,8 @@ def test_decoder_options_any_values(decoder_assets, data):
     except USER_ERRORS as e:
         event(f"{type(e).__name__}: {str(e)[:40]}")
         assert bad is not None, f"valid options {options}, {sampling} refused: {e}"
-        conflict = any(name in str(e) for name in options)  # e.g. a per-row budget (a batch) needs sliding windows
+        batch = isinstance(sampling["max_new_tokens"], list) and "batch" in str(e)  # per-row budgets: a batch
+        conflict = batch or any(name in str(e) for name in options)  # e.g. batched block decoding needs sliding
         assert bad in str(e) or conflict or isinstance(e, FileNotFoundError), f"the error names no option {bad!r}: {e}"
         return
     event("decoded" if bad is None else f"bad {bad} accepted")
@@ -467,3 +468,7 @@ def test_found_decoder_options_refused_clearly(decoder_assets):
             call()
     out = run(PROMPT, max_new_tokens=3, temperature=10**30, generator=torch.Generator().manual_seed(0))  # an int
     assert out.new_tokens == 3
+    greedy = vadusa.generate_ar(model, PROMPT, max_new_tokens=5, temperature=0).sequences
+    for name in ("ar", "block"):  # 1e-300 sent the top scores to inf: NaN probabilities, token 48 of 48, IndexError
+        tiny = vadusa.build_decoder(name, model, assets)(PROMPT, max_new_tokens=5, temperature=1e-300)
+        assert torch.equal(tiny.sequences, greedy) if name == "ar" else int(tiny.sequences.max()) < 48

@@ -193,7 +193,12 @@ def scores_to_probs(
     if processor is not None:
         scores = processor(history.expand(scores.shape[0], -1), scores)
     if temperature > 0:
-        scores = scores / float(temperature)  # a Python int beyond int64 would overflow torch's scalar
+        # float(): a Python int beyond int64 overflows torch's scalar. Below TINY_TEMPERATURE, float32 scores / T
+        # reach inf or 0 / 0 (NaN probabilities): there the max is taken off in float64 first (softmax is
+        # shift-invariant); at every usual temperature this is transformers' plain scores / T, token for token
+        if temperature < TINY_TEMPERATURE:
+            scores = scores.double() - scores.double().amax(-1, keepdim=True)
+        scores = scores / float(temperature)
         if top_k:
             kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -201,7 +206,7 @@ def scores_to_probs(
             scores = top_p_filter(scores, top_p)
         if min_p > 0.0:
             scores = min_p_filter(scores, min_p)
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1).float()
 
 
 def logits_to_probs(
@@ -226,6 +231,9 @@ def take(tokens: list[int], budget: int, eos: set[int]) -> tuple[list[int], bool
         if t in eos:
             return kept, True
     return kept, len(kept) == budget
+
+
+TINY_TEMPERATURE = 1e-20  # below it, scores are shifted to a max of 0 (in float64) before T divides them
 
 
 def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
