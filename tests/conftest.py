@@ -46,7 +46,7 @@ def fitted_heads(
 
     Gives heads that are right often enough for several tokens to be accepted per step, so tests
     exercise the multi-token path, while still being wrong at times (rank > 0 nodes matter).
-    `root_token` heads also read the token after each state (vadusa.heads).
+    `root_token` heads also read the token after each state (vadusa.heads). steps=0: the random heads only.
     """
     gen = torch.Generator().manual_seed(seed)
     heads = vadusa.DraftHeads.from_model(
@@ -56,6 +56,8 @@ def fitted_heads(
         for p in heads.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     heads.bind(model)
+    if steps == 0:
+        return heads.eval().requires_grad_(False)
     vocab = heads.config.vocab_size
     prompts = torch.randint(0, vocab, (31, len(TEST_PROMPT)), generator=gen)
     prompts = torch.cat([prompts, torch.tensor([TEST_PROMPT]) % vocab])
@@ -117,3 +119,10 @@ def fitted_drafter(model, depth: int = 4, steps: int = 120, seed: int = 0):
         loss.backward()
         opt.step()
     return drafter.eval().requires_grad_(False)
+
+
+def budget(examples: int) -> int:
+    """Hypothesis examples for a property: `examples` in CI, times $PROPERTY_SCALE when hunting bugs."""
+    import os
+
+    return examples * int(os.environ.get("PROPERTY_SCALE", "1"))

@@ -26,7 +26,7 @@ def read_json(path: Path):
         raise FileNotFoundError(f"{path} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 

@@ -29,6 +29,7 @@ from .checks import check_values
 from .drafter import FeatureDrafter, decoding_weights, tree_plan
 from .generate import (
     GenerationOutput,
+    check_context,
     draft_tokens,
     eos_set,
     follow,
@@ -170,6 +171,7 @@ class Rows:
         device = model.device
         self.prompt = ids.to(device)  # (B, T) as given, padding included
         batch, self.width = ids.shape
+        check_context(model, self.width, max(self.budgets))
         mask = torch.ones_like(ids) if mask is None else mask
         self.pad = (self.width - mask.sum(1)).to(device)  # (B,) padding columns of each active row
         self.prompt_pad = self.pad.clone()  # (B,) of every original row

@@ -1,7 +1,7 @@
 """The one check of every decoder option a user sets: each bad value gets the same clear ValueError.
 
     check_values(temperature=0.8, top_k=50, tolerance=0)
-    # ValueError: tolerance must be an integer >= 1, got 0
+    # ValueError: tolerance must be an integer in [1, 1024], got 0
 
 The decoders (`generate`, `generate_ar`, `blockdiff.generate`), their factories (`vadusa_factory`,
 `block_factory`) and the CLIs call it, before anything is loaded, so the Python API and the command line
@@ -13,11 +13,14 @@ import math
 
 ACCEPTANCE_RULES = ("greedy", "tolerance", "typical", "lossless")  # vadusa.accept's rules
 UNMASK_RULES = ("any", "prefix")  # block decoding: Fast-dLLM's rule, or only a leading run of targets
+MAX_DRAWS = 1024  # largest tolerance (draws per node) and block size: buffers of that many rows are allocated
 
 
 def is_real(value) -> bool:
     """A finite int or float (bool is not a number here)."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)  # isfinite(10**400) overflows
 
 
 def is_integer(value) -> bool:
@@ -39,12 +42,14 @@ RULES = {
     "min_p": (lambda v: is_real(v) and 0 <= v <= 1, "in [0, 1] (0: off)"),
     "max_new_tokens": (is_budget, "an integer >= 1 (a batch: a list of them, one per row)"),
     "acceptance": (lambda v: v in ACCEPTANCE_RULES, f"one of {ACCEPTANCE_RULES}"),
-    "tolerance": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+    "tolerance": (lambda v: is_integer(v) and 1 <= v <= MAX_DRAWS, f"an integer in [1, {MAX_DRAWS}]"),
     "typical_epsilon": (lambda v: is_real(v) and 0 <= v <= 1, "in [0, 1]"),
     "typical_alpha": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
     "threshold": (lambda v: is_real(v) and 0 < v <= 1, "in (0, 1]"),
-    "block_size": (lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1"),
+    "block_size": (lambda v: v is None or (is_integer(v) and 1 <= v <= MAX_DRAWS), f"an integer in [1, {MAX_DRAWS}]"),
     "unmask": (lambda v: v in UNMASK_RULES, f"one of {UNMASK_RULES}"),
+    "approximate_cache": (lambda v: isinstance(v, bool), "True or False"),
+    "sliding": (lambda v: v is None or isinstance(v, bool), "None, True or False (None: on with unmask='prefix')"),
 }
 
 

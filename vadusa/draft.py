@@ -10,6 +10,7 @@ Artifacts (all in the heads directory, default <assets>/heads):
 """
 
 import copy
+import os
 from pathlib import Path
 
 from .accuracy import rule_name
@@ -50,8 +51,10 @@ def resolve_tree(tree, heads, heads_dir: Path | None, acceptance: str, tolerance
                 f"tree='auto' needs tree-{rule_name(acceptance, tolerance)}.json in the heads directory {heads_dir} "
                 f"(found {found}); build it with `train_heads.py --build-trees`, or pass tree='chain' or a tree file"
             )
-    else:
+    elif isinstance(tree, str | os.PathLike):
         path = Path(tree)
+    else:
+        raise TypeError(f"tree must be 'auto', 'chain', a tree file or a Tree, got {type(tree).__name__} {tree!r}")
     if path is not None:
         resolved = Tree.from_json(path)
     try:

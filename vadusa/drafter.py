@@ -32,7 +32,15 @@ from torch import nn
 
 from . import formats
 from .artifacts import config_from_json, read_json_object
-from .heads import CONFIG_NAME, WEIGHTS_NAME, load_weights, model_dims, reduced_precision, save_artifact
+from .heads import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_weight_shapes,
+    load_weights,
+    model_dims,
+    reduced_precision,
+    save_artifact,
+)
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
 
@@ -225,10 +233,8 @@ class FeatureDrafter(nn.Module):
         d = Path(directory)
         read_config(d)
         config = config_from_json(DrafterConfig, d / CONFIG_NAME)
-        try:
-            drafter = cls(config)
-        except ValueError as e:
-            raise ValueError(f"{d / CONFIG_NAME} is not a valid feature drafter config: {e}") from e
+        check_weight_shapes(lambda: cls(config), d)  # before allocating: the config may ask for any size
+        drafter = cls(config)
         load_weights(drafter, d)
         if model is not None:
             drafter.check_compatible(model)

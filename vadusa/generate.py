@@ -12,6 +12,7 @@ Vocabulary of the loop (one step of `generate`):
     next root the rule's own draw where the walk stopped
 """
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -127,9 +128,14 @@ def check_embeds(model, inputs_embeds: torch.Tensor) -> torch.Tensor:
 
 
 def eos_set(eos_token_id) -> set[int]:
+    """The end-of-sequence ids: None, one id, or a list / tuple / tensor of ids, each an integer >= 0."""
     if eos_token_id is None:
         return set()
-    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+    ids = eos_token_id.flatten().tolist() if torch.is_tensor(eos_token_id) else eos_token_id
+    ids = list(ids) if isinstance(ids, list | tuple | set) else [ids]
+    if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise ValueError(f"eos_token_id must be None, a token id >= 0 or a list of them, got {eos_token_id!r}")
+    return {int(e) for e in ids}
 
 
 class Processors(LogitsProcessorList):
@@ -198,7 +204,12 @@ def scores_to_probs(
     if processor is not None:
         scores = processor(history.expand(scores.shape[0], -1), scores)
     if temperature > 0:
-        scores = scores / temperature
+        # float(): a Python int beyond int64 overflows torch's scalar. Below TINY_TEMPERATURE, float32 scores / T
+        # reach inf or 0 / 0 (NaN probabilities): there the max is taken off in float64 first (softmax is
+        # shift-invariant); at every usual temperature this is transformers' plain scores / T, token for token
+        if temperature < TINY_TEMPERATURE:
+            scores = scores.double() - scores.double().amax(-1, keepdim=True)
+        scores = scores / float(temperature)
         if top_k:
             kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -206,7 +217,7 @@ def scores_to_probs(
             scores = top_p_filter(scores, top_p)
         if min_p > 0.0:
             scores = min_p_filter(scores, min_p)
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1).float()
 
 
 def logits_to_probs(
@@ -233,6 +244,20 @@ def take(tokens: list[int], budget: int, eos: set[int]) -> tuple[list[int], bool
     return kept, len(kept) == budget
 
 
+TINY_TEMPERATURE = 1e-20  # below it, scores are shifted to a max of 0 (in float64) before T divides them
+
+
+def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse a budget beyond the model's positions (config.max_position_embeddings, GPT-2's n_positions) before
+    buffers of prompt + max_new_tokens positions are allocated: a budget of 10^9 would take the machine's memory."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens} after a prompt of {prompt_len} positions exceeds the model's "
+            f"{limit} positions (config.max_position_embeddings)"
+        )
+
+
 class _Decoding:
     """What both loops share: the output buffer, the cache, stopping, streaming and timing."""
 
@@ -257,6 +282,7 @@ class _Decoding:
             raise ValueError("give the prompt as input_ids or as inputs_embeds")
         self.prompt = check_prompt(input_ids).to(model.device)
         self.prompt_len = self.prompt.shape[1]
+        check_context(model, self.prompt_len, max_new_tokens)
         self.max_new_tokens = max_new_tokens
         capacity = self.prompt_len + max_new_tokens + extra_positions
         self.seq = torch.zeros(1, capacity, dtype=torch.long, device=model.device)  # prompt + emitted tokens

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -40,6 +41,17 @@ class HeadsConfig:
     base_model: str = ""  # name or path of the base model the heads were built for ("" = unknown)
     root_token: bool = False  # heads also read the root token x_{t+1} through a learned embedding (module doc)
     shared_output: bool = False  # heads feed the base's own output layer: no private (H, V, D) weights
+
+
+MAX_SIZE = 2**31  # bound of every size in a config (tensor dimensions are int64; larger is a typo)
+
+
+def check_sizes(config: HeadsConfig, where: str = "heads config") -> None:
+    """Sizes in [1, MAX_SIZE) (num_layers in [0, MAX_SIZE)), else a ValueError naming `where`."""
+    for name, low in (("num_heads", 1), ("num_layers", 0), ("hidden_size", 1), ("vocab_size", 1)):
+        value = getattr(config, name)
+        if type(value) is not int or not low <= value < MAX_SIZE:
+            raise ValueError(f"{where} needs {name} an integer in [{low}, {MAX_SIZE}), got {value!r}")
 
 
 def save_artifact(module: nn.Module, directory: str | os.PathLike) -> None:
@@ -62,6 +74,29 @@ def load_weights(module: nn.Module, directory: Path) -> None:
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {e}") from e
 
 
+def check_weight_shapes(build, directory: Path) -> None:
+    """Compare the tensors `build()` would hold (built on the meta device: no memory) with the header of
+    directory/model.safetensors, before anything is allocated: a config.json asking for other (or huge)
+    sizes raises a ValueError naming both files instead of allocating them."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    except RuntimeError as e:  # "Storage size calculation overflowed": sizes whose product exceeds int64
+        raise ValueError(f"{directory / CONFIG_NAME} asks for tensors too large to exist: {e}") from e
+    try:
+        with safe_open(directory / WEIGHTS_NAME, "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
+    if expected != found:
+        diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        key = diff[0]
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: tensor {key!r} has shape "
+            f"{found.get(key, 'absent')} in the file, the config asks for {expected.get(key, 'none')}"
+        )
+
+
 def model_dims(model) -> tuple[int, int, str]:
     """(hidden size, vocab size, name or path) of a transformers causal LM, read off its output layer."""
     out = model.get_output_embeddings()
@@ -79,11 +114,7 @@ def reduced_precision(model) -> bool:
 class DraftHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
-        if config.num_heads < 1 or config.num_layers < 0 or config.hidden_size < 0 or config.vocab_size < 0:
-            raise ValueError(
-                f"need num_heads >= 1, num_layers >= 0 and sizes >= 0, got num_heads {config.num_heads}, num_layers "
-                f"{config.num_layers}, hidden_size {config.hidden_size}, vocab_size {config.vocab_size}"
-            )
+        check_sizes(config)
         self.config = config
         h, n, d, v = config.num_heads, config.num_layers, config.hidden_size, config.vocab_size
         self.block_weight = nn.Parameter(torch.zeros(h, n, d, d))  # (H, L, D_out, D_in), zero: blocks start as identity
@@ -188,12 +219,14 @@ class DraftHeads(nn.Module):
                     raise FileNotFoundError(f"draft heads directory {d} has no {name}")
             try:
                 config = config_from_json(HeadsConfig, d / CONFIG_NAME)
-                heads = cls(config)
             except ValueError as e:
                 raise ValueError(
                     f"{e} (not a valid heads config of any known format: {', '.join(formats.FORMATS)}; "
                     "Medusa configs have medusa_num_heads, vLLM's model_type 'medusa')"
                 ) from e
+            check_sizes(config, str(d / CONFIG_NAME))
+            check_weight_shapes(lambda: cls(config), d)  # before allocating: the config may ask for any size
+            heads = cls(config)
             load_weights(heads, d)
         if model is not None:
             heads.check_compatible(model)

@@ -15,6 +15,18 @@ import torch
 
 from .artifacts import read_json
 
+MAX_RANK = 2**31 - 1  # a rank is a top-k index into a vocabulary: it fits the int32 / int64 buffers
+
+
+def as_paths(paths) -> list[tuple[int, ...]]:
+    """`paths` (a list of rank lists) as tuples, or a TypeError saying what was expected."""
+    if not isinstance(paths, list | tuple):
+        raise TypeError(f"tree paths must be a list of rank lists such as [[0], [0, 1]], got {type(paths).__name__}")
+    for p in paths:
+        if not isinstance(p, list | tuple):
+            raise TypeError(f"tree path {p!r} is a {type(p).__name__}, expected a list of ranks such as [0, 1]")
+    return [tuple(p) for p in paths]
+
 
 def _validate(paths: list[tuple[int, ...]]) -> None:
     if not paths:
@@ -23,8 +35,8 @@ def _validate(paths: list[tuple[int, ...]]) -> None:
     for p in paths:
         if len(p) == 0:
             raise ValueError("empty path [] in tree: the root is implicit, list only paths of length >= 1")
-        if any((not isinstance(r, int)) or r < 0 for r in p):
-            raise ValueError(f"path {list(p)} has a rank that is not a non-negative integer")
+        if any(type(r) is not int or not 0 <= r <= MAX_RANK for r in p):  # type(): bools are not ranks
+            raise ValueError(f"path {list(p)} has a rank that is not a non-negative integer <= {MAX_RANK}")
         if p in seen:
             raise ValueError(f"duplicate path {list(p)} in tree")
         seen.add(p)
@@ -42,8 +54,10 @@ class Tree:
 
     @classmethod
     def from_paths(cls, paths, meta: dict | None = None) -> "Tree":
-        paths = [tuple(p) for p in paths]
+        paths = as_paths(paths)
         _validate(paths)
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"tree meta must be a dict or None, got {type(meta).__name__}")
         return cls(tuple(sorted(paths, key=lambda p: (len(p), p))), dict(meta or {}))
 
     @classmethod

@@ -409,7 +409,8 @@ def block_factory(
 
     if adapter is None and assets is None:
         raise ValueError("decoder 'block' needs an adapter directory, or assets holding block/ (the distilled adapter)")
-    check_values(threshold=threshold, block_size=block_size, unmask=unmask)
+    check_values(threshold=threshold, block_size=block_size, unmask=unmask, approximate_cache=approximate_cache,
+                 sliding=sliding)  # fmt: skip
     student, config = load_student(model, Path(adapter) if adapter is not None else Path(assets) / "block")
     block_size = config.block_size if block_size is None else block_size
     sliding = unmask == "prefix" and not approximate_cache if sliding is None else sliding

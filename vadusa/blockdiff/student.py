@@ -148,7 +148,10 @@ def check_adapter(model, directory: Path) -> BlockConfig:
             f"{config.base_fingerprint}, vocabulary {config.vocab_size}); this model has fingerprint "
             f"{base_fingerprint(model)}, vocabulary {vocab}"
         )
-    check_mask_token(config.mask_token_id, vocab)
+    try:
+        check_mask_token(config.mask_token_id, vocab)
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from e
     return config
 
 
