@@ -42,7 +42,7 @@ def lm(tmp_path_factory):
     return root
 
 
-def test_two_processes_train_the_same_heads_as_one(lm):
+def test_two_processes_train_the_same_heads_as_one(lm, capsys):
     """torchrun 2 x batch 64 == python 1 x batch 128: the cache (shards split by rank), then the heads."""
     from vadusa.cli import train_heads
 
@@ -74,16 +74,17 @@ def test_two_processes_train_the_same_heads_as_one(lm):
     assert not (lm / "h2" / "checkpoint.safetensors.tmp").exists()
 
     # bad inputs: resuming the 2-process run in 1 process, a missing rank-1 shard
-    with pytest.raises(ValueError, match="world size 2, this run has world size 1"):
-        train_heads.main(
-            common + ["--cache", str(lm / "c2"), "--out", str(lm / "h2"), "--batch-tokens", "64", "--resume"]
-        )
+    capsys.readouterr()  # what the runs above printed
+    code = train_heads.main(
+        common + ["--cache", str(lm / "c2"), "--out", str(lm / "h2"), "--batch-tokens", "64", "--resume"]
+    )
+    assert_user_error(capsys, code, "world size 2, this run has world size 1")
     (lm / "c2" / "cache-00001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"cache shard cache-00001.safetensors \(rank 1 writes it\)"):
         train.load_cache(lm / "c2")
 
 
-def test_two_processes_distill_the_same_block_adapter_as_one(lm):
+def test_two_processes_distill_the_same_block_adapter_as_one(lm, capsys):
     """train_block.py: torchrun 2 x batch 2 == python 1 x batch 4 (pool shards by rank, masks drawn globally)."""
     from vadusa.blockdiff.train import load_pool
     from vadusa.cli import train_block
@@ -117,11 +118,20 @@ def test_two_processes_distill_the_same_block_adapter_as_one(lm):
         assert r.get("loss", 0) == pytest.approx(s.get("loss", 0), abs=1e-5)
         assert r.get("eval_loss", 0) == pytest.approx(s.get("eval_loss", 0), abs=1e-5)
 
-    with pytest.raises(ValueError, match="world size 2, this run has world size 1"):
-        train_block.main(common + ["--out-dir", str(lm / "b2"), "--batch-size", "2", "--resume"])
+    capsys.readouterr()
+    code = train_block.main(common + ["--out-dir", str(lm / "b2"), "--batch-size", "2", "--resume"])
+    assert_user_error(capsys, code, "world size 2, this run has world size 1")
     (lm / "b2" / "pool-00001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"pool shard pool-00001.safetensors \(rank 1 writes it\)"):
         load_pool(lm / "b2")
+
+
+def assert_user_error(capsys, code: int, expected: str) -> None:
+    """The CLI's exit status 2 and its one `error: ...` line, after the base's loading progress, no traceback."""
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, err
 
 
 def weights(directory: Path) -> dict:
