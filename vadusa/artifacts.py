@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
@@ -102,12 +103,16 @@ def read_lines(path: Path, what: str = "texts file") -> list[str]:
     return lines
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors in `path`; missing -> FileNotFoundError, truncated or not safetensors -> ValueError."""
+def read_safetensors(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor] | dict[str, tuple[int, ...]]:
+    """The tensors in `path` (or, with `shapes_only`, each tensor's shape read off the header, nothing loaded);
+    missing -> FileNotFoundError, truncated or not safetensors -> ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return load_file(str(path))
+        if not shapes_only:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from e

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -83,11 +82,7 @@ def check_weight_shapes(build, directory: Path) -> None:
             expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
     except RuntimeError as e:  # "Storage size calculation overflowed": sizes whose product exceeds int64
         raise ValueError(f"{directory / CONFIG_NAME} asks for tensors too large to exist: {e}") from e
-    try:
-        with safe_open(directory / WEIGHTS_NAME, "pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{directory / WEIGHTS_NAME} is corrupt or not a safetensors file: {e}") from e
+    found = read_safetensors(directory / WEIGHTS_NAME, shapes_only=True)
     if expected != found:
         diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         key = diff[0]
