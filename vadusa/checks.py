@@ -61,3 +61,17 @@ def check_values(**options) -> None:
             rows = enumerate(value) if isinstance(value, list | tuple) else []
             name, value = next(((f"{name}[{i}]", v) for i, v in rows if not RULES[name][0](v)), (name, value))
             raise ValueError(f"{name} must be {RULES[name.partition('[')[0]][1]}, got {value!r}")
+
+
+def check_fields(config, at_least: dict[int, tuple[str, ...]], nonnegative: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the first field of a training config that is not an integer >= its bound
+    (`at_least`: bound -> field names) or not a finite number >= 0 (`nonnegative`)."""
+    for low, names in at_least.items():
+        for name in names:
+            value = getattr(config, name)
+            if not is_integer(value) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name in nonnegative:
+        value = getattr(config, name)
+        if not is_real(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

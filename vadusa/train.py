@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .artifacts import read_lines
-from .checks import check_values, is_integer, is_real
+from .checks import check_fields, check_values
 from .drafter import FeatureDrafter
 from .generate import as_processor, split_model
 from .heads import DraftHeads
@@ -104,13 +104,8 @@ class TrainConfig:
         at_least = {1: ("num_heads", "steps", "batch_tokens", "batch_sequences", "sample_batch", "max_new_tokens",
                         "samples_per_prompt", "shard_size", "checkpoint_every", "lora_rank", "lora_alpha"),
                     0: ("num_layers", "teacher_top_k", "warmup")}  # fmt: skip
-        for low, names in at_least.items():
-            for name in names:
-                if not is_integer(getattr(self, name)) or getattr(self, name) < low:
-                    raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-        for name in ("lr", "lora_lr", "weight_decay", "grad_clip", "feature_weight", "head_decay", "head_weight"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        reals = ("lr", "lora_lr", "weight_decay", "grad_clip", "feature_weight", "head_decay", "head_weight")
+        check_fields(self, at_least, reals)
 
 
 # ----- prompts -----

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .. import distributed
-from ..checks import check_values, is_integer, is_real
+from ..checks import check_fields, check_values
 from .loss import generalized_jsd
 from .masks import prefix_layout, prefix_training_mask, training_mask
 from .student import BlockConfig, check_adapter, make_student, save_adapter
@@ -94,12 +94,11 @@ class TrainConfig:
             )
         self.start_block_size = min(self.start_block_size, self.block_size)
         check_values(temperature=self.teacher_temperature, top_k=self.teacher_top_k, max_new_tokens=self.max_new_tokens)
-        for name in ("steps", "batch_size", "rank", "pool_size", "pool_batch", "log_every"):
-            if not is_integer(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "grad_clip", "alpha", "anneal_fraction", "checkpoint_minutes"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        check_fields(
+            self,
+            {1: ("steps", "batch_size", "rank", "pool_size", "pool_batch", "log_every")},
+            ("lr", "weight_decay", "grad_clip", "alpha", "anneal_fraction", "checkpoint_minutes"),
+        )
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         for lo, hi in (self.ratio_start, self.ratio_end):
