@@ -1,4 +1,4 @@
-"""Rebuild the shipped demo TTS from scratch: corpus -> codec -> judge -> lm.
+"""Rebuild the shipped demo TTS from scratch: corpus -> codec -> judge -> lm -> finetune (short phrases).
 
     python scripts/build_demo.py                       # full build into vadusa/assets/demo (~1.5 h on 2 cores)
     python scripts/build_demo.py --quick --out /tmp/d  # tiny build in about two minutes (CI)
@@ -37,6 +37,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--lm-steps", type=positive_int, default=d.lm_steps, help="LM optimizer steps (full build)")
     p.add_argument("--lm-restart", type=nonnegative_int, default=d.lm_restart, help="LM warm-restart step (0: none)")
+    p.add_argument("--finetune-steps", type=positive_int, default=d.finetune_steps,
+                   help="steps of the LM fine-tune on sentences + short phrases")  # fmt: skip
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="peak learning rate of the fine-tune")
+    p.add_argument("--finetune-restart", type=nonnegative_int, default=d.finetune_restart,
+                   help="fine-tune warm-restart step (0: none)")  # fmt: skip
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads of this process")
     p.add_argument("--write-texts", choices=["train", "valid", "test"], help="only write sentences of this split")
     p.add_argument("--count", type=positive_int, default=20, help="how many sentences --write-texts writes")
@@ -59,6 +64,9 @@ def main(argv=None) -> int:
         judge_restart=args.judge_restart,
         lm_steps=args.lm_steps,
         lm_restart=args.lm_restart,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
+        finetune_restart=args.finetune_restart,
     )
     build.run(cfg, args.stage or build.STAGES)
     return 0

@@ -1,15 +1,19 @@
-"""Stages of the demo build: corpus -> codec -> judge -> lm. Each is resumable and writes atomically.
+"""Stages of the demo build: corpus -> codec -> judge -> lm -> finetune. Each resumes and writes atomically.
 
     work/                          (outside the repo; caches)
       sentences.json               every usable sentence with its split, voice and rate
-      corpus/shard-00000.{json,safetensors}   phonemes + log-mel of 500 sentences each (60: --quick)
-      units.safetensors, vocab.json            unit ids of every sentence; the LM vocabulary
-      judge/, lm/                  training checkpoints (resume from here), *.log
+      phrases.json                 every short phrase (phrases.py) x voice x rate, all in the train split
+      corpus/shard-00000.{json,safetensors}    phonemes + log-mel of 500 sentences each (60: --quick)
+      corpus/phrases-00000.{json,safetensors}  the same for the short phrases
+      units.safetensors, vocab.json            unit ids of every corpus item; the LM vocabulary
+      judge/, lm/, finetune/       training checkpoints (resume from here), *.log
     out/                           (the shipped directory, vadusa/assets/demo by default)
-      codec/ judge/ lm/            config.json + model.safetensors each
+      codec/ judge/ lm/            config.json + model.safetensors each; lm/training.json: its stages
 
-A stage whose output already exists in out/ is skipped (resume); to rebuild, use a new --out or
-delete that stage's directory (and the later ones: judge/ and lm/ depend on codec/).
+The codec, judge and lm stages see sentences only; `finetune` then warm-starts from out/lm and trains
+it on sentences and short phrases together (the shipped LM went through both). A stage whose output
+already exists in out/ is skipped (resume); to rebuild, use a new --out or delete that stage's
+directory (and the later ones: judge/ and lm/ depend on codec/).
 """
 
 import multiprocessing
@@ -21,8 +25,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import LlamaForCausalLM
 
-from . import corpus
+from . import corpus, phrases
 from .audio import log_mel
 from .codec import UnitCodec
 from .judge import Judge, JudgeConfig
@@ -44,6 +49,9 @@ class BuildConfig:
     judge_restart: int = 420  # judge warm restart: a second cosine cycle from this step (0: one cycle)
     lm_steps: int = 6650  # LM optimizer steps of the full build (2,048 padded tokens each)
     lm_restart: int = 2650  # LM warm restart: a second cosine cycle from this step (0: one cycle)
+    finetune_steps: int = 3000  # fine-tune steps on sentences + short phrases (warm start from out/lm)
+    finetune_lr: float = 5e-4  # peak learning rate of the fine-tune
+    finetune_restart: int = 1500  # fine-tune warm restart: a second cosine cycle from this step (0: one cycle)
 
 
 def sentence_table(cfg: BuildConfig) -> list[dict]:
@@ -67,6 +75,19 @@ def sentence_table(cfg: BuildConfig) -> list[dict]:
     return rows
 
 
+def phrase_table(cfg: BuildConfig) -> list[dict]:
+    """Every short phrase in every voice and rate (train split only); written once to work/phrases.json."""
+    path = cfg.work / "phrases.json"
+    if path.exists():
+        return read_json(path)
+    chosen = phrases.read_phrases()
+    if cfg.quick:  # a dozen phrases, spread out
+        chosen = sorted(sorted(chosen, key=lambda p: corpus._digest(p, "subset"))[:12])
+    rows = phrases.phrase_rows(chosen)
+    write_json(path, rows)
+    return rows
+
+
 def _worker_init():
     torch.set_num_threads(1)
 
@@ -80,16 +101,16 @@ def _synth_one(row: dict) -> dict | None:
 
 
 def build_corpus(cfg: BuildConfig) -> list[Path]:
-    """Synthesise every sentence into shards of phonemes + log-mel; existing shards are kept (resume)."""
-    rows = sentence_table(cfg)
+    """Synthesise every sentence and phrase into shards of phonemes + log-mel; existing shards are kept."""
     shards = []
     todo = []
     size = 60 if cfg.quick else SHARD  # the quick corpus (360 sentences) in several shards too: resumable
-    for start in range(0, len(rows), size):
-        path = cfg.work / "corpus" / f"shard-{start // size:05d}.safetensors"
-        shards.append(path)
-        if not path.exists():
-            todo.append((path, rows[start : start + size]))
+    for prefix, rows in (("shard", sentence_table(cfg)), ("phrases", phrase_table(cfg))):
+        for start in range(0, len(rows), size):
+            path = cfg.work / "corpus" / f"{prefix}-{start // size:05d}.safetensors"
+            shards.append(path)
+            if not path.exists():
+                todo.append((path, rows[start : start + size]))
     if not todo:
         return shards
     bar = tqdm(total=sum(len(r) for _, r in todo), desc="corpus (espeak-ng)", unit="sent")
@@ -108,17 +129,23 @@ def build_corpus(cfg: BuildConfig) -> list[Path]:
 
 def write_shard(path: Path, items: list[dict], rows: list[dict]) -> None:
     split = {r["text"]: r["split"] for r in rows}
-    meta = [{k: it[k] for k in ("text", "voice", "rate", "phonemes")} | {"split": split[it["text"]]} for it in items]
+    kind = {r["text"]: r.get("kind", "sentence") for r in rows}
+    meta = [
+        {k: it[k] for k in ("text", "voice", "rate", "phonemes")}
+        | {"split": split[it["text"]], "kind": kind[it["text"]]}
+        for it in items
+    ]
     lengths = torch.tensor([it["mel"].shape[0] for it in items], dtype=torch.long)
     write_json(path.with_suffix(".json"), meta)  # JSON first: a shard counts as done once its tensors exist
     write_tensors(path, {"mel": torch.cat([it["mel"] for it in items]), "lengths": lengths})
 
 
 def load_corpus(cfg: BuildConfig) -> tuple[list[dict], list[torch.Tensor]]:
-    """(metadata rows, (T, 80) float16 log-mels) of every synthesised sentence, in shard order."""
+    """(metadata rows, (T, 80) float16 log-mels) of every synthesised item: sentences, then phrases."""
     rows, mels = [], []
-    for path in sorted((cfg.work / "corpus").glob("shard-*.safetensors")):
-        rows += read_json(path.with_suffix(".json"))
+    paths = sorted((cfg.work / "corpus").glob("shard-*.safetensors"))
+    for path in paths + sorted((cfg.work / "corpus").glob("phrases-*.safetensors")):
+        rows += [{"kind": "sentence"} | r for r in read_json(path.with_suffix(".json"))]
         t = read_tensors(path)
         mels += list(torch.split(t["mel"], t["lengths"].tolist()))
     return rows, mels
@@ -132,15 +159,16 @@ def build_codec(cfg: BuildConfig):
     """
     out = cfg.out / "codec"
     units_path = cfg.work / "units.safetensors"
-    if (out / "model.safetensors").exists() and units_path.exists() and (cfg.work / "vocab.json").exists():
-        return UnitCodec.from_pretrained(out)
     rows, mels = load_corpus(cfg)
     if not rows:
         raise RuntimeError(f"no corpus under {cfg.work / 'corpus'}: run the corpus stage first")
+    done = units_path.exists() and len(read_tensors(units_path)["lengths"]) == len(rows)  # else: new corpus items
+    if (out / "model.safetensors").exists() and done and (cfg.work / "vocab.json").exists():
+        return UnitCodec.from_pretrained(out)
     if (out / "model.safetensors").exists():
         codec = UnitCodec.from_pretrained(out)
     else:
-        train = [m for r, m in zip(rows, mels, strict=True) if r["split"] == "train"]
+        train = [m for r, m in zip(rows, mels, strict=True) if _is_train_sentence(r)]
         codec = UnitCodec.fit(train, num_units=64 if cfg.quick else 1024)
         codec.save_pretrained(out)
     units = [codec.encode(m) for m in tqdm(mels, desc="codec encode", unit="sent")]
@@ -150,11 +178,16 @@ def build_codec(cfg: BuildConfig):
     if (cfg.out / "lm" / "vocab.json").exists():
         vocab = Vocab.load(cfg.out / "lm" / "vocab.json")
     else:
-        phonemes = sorted({p for r in rows if r["split"] == "train" for p in r["phonemes"]})
+        phonemes = sorted({p for r in rows if _is_train_sentence(r) for p in r["phonemes"]})
         vocab = Vocab(voices=list(corpus.VOICES), rates=list(corpus.RATES), phonemes=phonemes,
                       num_units=codec.config.num_units)  # fmt: skip
     vocab.save(cfg.work / "vocab.json")
     return codec
+
+
+def _is_train_sentence(row: dict) -> bool:
+    """The codec, vocabulary, judge and base LM are built from training sentences; phrases only fine-tune."""
+    return row["split"] == "train" and row["kind"] == "sentence"
 
 
 def load_units(cfg: BuildConfig) -> list[torch.Tensor]:
@@ -190,7 +223,7 @@ def build_judge(cfg: BuildConfig) -> Judge:
     units = load_units(cfg)
     codec = UnitCodec.from_pretrained(cfg.out / "codec")
     model_cfg, train_cfg, n_vocoded = judge_configs(cfg)
-    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    train = [i for i, r in enumerate(rows) if _is_train_sentence(r)]
     rng = random.Random(0)
     voc_ids = sorted(rng.sample(train, min(n_vocoded, len(train))))
     voc = vocoded_mels(codec, [units[i] for i in voc_ids], cfg.work / "judge" / "vocoded.safetensors")
@@ -211,12 +244,20 @@ def lm_configs(cfg: BuildConfig) -> tuple[LMConfig, LMTrainConfig]:
     return LMConfig(), LMTrainConfig(steps=cfg.lm_steps, restart=cfg.lm_restart)
 
 
-def lm_data(cfg: BuildConfig, vocab: Vocab, split: str) -> tuple[list[list[int]], list[int]]:
+def corpus_units(cfg: BuildConfig) -> tuple[list[dict], list[torch.Tensor]]:
+    """(metadata rows, unit ids) of every corpus item."""
     rows, _ = load_corpus(cfg)
     units = load_units(cfg)
+    if len(units) != len(rows):
+        raise RuntimeError(f"{len(rows)} corpus items but {len(units)} unit sequences: run the codec stage first")
+    return rows, units
+
+
+def lm_data(rows, units, vocab: Vocab, split: str, kinds=("sentence",)) -> tuple[list[list[int]], list[int]]:
+    """(token sequences, prompt lengths) of the corpus items of `split` whose kind is in `kinds`."""
     seqs, prompts = [], []
     for r, u in zip(rows, units, strict=True):
-        if r["split"] == split:
+        if r["split"] == split and r["kind"] in kinds:
             prompt = vocab.prompt_ids(r["phonemes"], r["voice"], r["rate"])
             seqs.append(prompt + (u + vocab.unit_offset).tolist() + [vocab.eos])
             prompts.append(len(prompt))
@@ -230,24 +271,59 @@ def build_lm(cfg: BuildConfig):
         return
     vocab = Vocab.load(cfg.work / "vocab.json")
     model_cfg, train_cfg = lm_configs(cfg)
-    seqs, prompts = lm_data(cfg, vocab, "train")
-    valid = lm_data(cfg, vocab, "valid")
+    rows, units = corpus_units(cfg)
+    seqs, prompts = lm_data(rows, units, vocab, "train")
+    valid = lm_data(rows, units, vocab, "valid")
     longest = max(len(s) for s in seqs)
     if longest > model_cfg.max_positions:
         raise RuntimeError(f"a training sequence has {longest} tokens > max_positions {model_cfg.max_positions}")
     torch.manual_seed(0)
     model = make_model(vocab, model_cfg)
     model = train_lm(model, seqs, prompts, valid, train_cfg, cfg.work / "lm" / "ckpt", vocab.pad, _logger(cfg, "lm"))
-    save_lm(model, vocab, model_cfg, out)
+    save_lm(model, vocab, model_cfg, out, [{"stage": "lm", "sequences": len(seqs), **asdict(train_cfg)}])
 
 
-def save_lm(model, vocab: Vocab, model_cfg: LMConfig, out: Path) -> None:
-    """transformers save_pretrained into a temp directory, then one rename (atomic for readers)."""
+def finetune_config(cfg: BuildConfig) -> LMTrainConfig:
+    if cfg.quick:
+        return LMTrainConfig(steps=30, warmup=5, lr=1e-3, save_every=10)
+    return LMTrainConfig(
+        steps=cfg.finetune_steps, warmup=50, lr=cfg.finetune_lr, save_every=100, restart=cfg.finetune_restart
+    )
+
+
+def build_finetune(cfg: BuildConfig):
+    """Warm-start from out/lm and train on sentences + short phrases; rewrites out/lm (once: its
+    training.json then ends with this stage)."""
+    out = cfg.out / "lm"
+    if not (out / "model.safetensors").exists():
+        raise RuntimeError(f"no LM in {out} to fine-tune: run the lm stage first")
+    stages = read_json(out / "training.json") if (out / "training.json").exists() else []
+    if stages and stages[-1]["stage"] == "finetune":
+        return
+    vocab = Vocab.load(out / "vocab.json")
+    model_cfg = LMConfig(**read_json(out / "lm.json"))
+    train_cfg = finetune_config(cfg)
+    rows, units = corpus_units(cfg)
+    seqs, prompts = lm_data(rows, units, vocab, "train", kinds=("sentence", "phrase"))
+    valid = lm_data(rows, units, vocab, "valid")
+    model = LlamaForCausalLM.from_pretrained(out)
+    log = _logger(cfg, "finetune")
+    model = train_lm(model, seqs, prompts, valid, train_cfg, cfg.work / "finetune" / "ckpt", vocab.pad, log)
+    phrase_count = sum(r["kind"] == "phrase" for r in rows)
+    record = {"stage": "finetune", "sequences": len(seqs), "phrase_sequences": phrase_count, **asdict(train_cfg)}
+    save_lm(model, vocab, model_cfg, out, stages + [record])
+
+
+def save_lm(model, vocab: Vocab, model_cfg: LMConfig, out: Path, stages: list[dict]) -> None:
+    """transformers save_pretrained into a temp directory, then one rename (atomic for readers).
+
+    `stages`: how it was trained, one record per build stage (lm/training.json)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     vocab.save(tmp / "vocab.json")
     write_json(tmp / "lm.json", asdict(model_cfg))
+    write_json(tmp / "training.json", stages)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
@@ -263,11 +339,12 @@ def _logger(cfg: BuildConfig, name: str):
     return log
 
 
-STAGES = ["corpus", "codec", "judge", "lm"]
+STAGES = ["corpus", "codec", "judge", "lm", "finetune"]
 
 
 def run(cfg: BuildConfig, stages) -> None:
-    steps = {"corpus": build_corpus, "codec": build_codec, "judge": build_judge, "lm": build_lm}
+    steps = {"corpus": build_corpus, "codec": build_codec, "judge": build_judge, "lm": build_lm,
+             "finetune": build_finetune}  # fmt: skip
     for name in STAGES:
         if name in stages:
             steps[name](cfg)
