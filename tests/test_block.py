@@ -20,7 +20,7 @@ from vadusa.blockdiff.masks import (
     training_mask,
     training_visibility,
 )
-from vadusa.blockdiff.student import BlockConfig
+from vadusa.blockdiff.student import BlockConfig, base_fingerprint
 from vadusa.blockdiff.train import (
     Stage,
     TrainConfig,
@@ -508,8 +508,14 @@ def test_warm_start_begins_at_the_initial_adapter(tmp_path):
     assert record["config"]["init_adapter"] == "adapter" and record["init_adapter"]["step"] == 4
     with pytest.raises(ValueError, match="rank"):
         train(sharp_llama(), prompts(12), TrainConfig(**{**second.__dict__, "rank": 4}), MASK, EOS)
-    with pytest.raises(ValueError, match="another base"):
-        train(sharp_llama(seed=5), prompts(12), second, MASK, EOS)
+    other = sharp_llama(seed=5)  # another version of the base (a fine-tune): same shapes, other weights
+    third = TrainConfig(**{**second.__dict__, "out_dir": str(tmp_path / "c"), "steps": 1})
+    fingerprint = base_fingerprint(other)
+    third_adapter = train(other, prompts(12), third, MASK, EOS)
+    assert BlockConfig.load(third_adapter).base_fingerprint == fingerprint  # bound to the new base
+    wider = tiny_llama(vocab=56)
+    with pytest.raises(ValueError, match="another base model .* vocabulary 48"):
+        train(wider, prompts(12), TrainConfig(**{**second.__dict__, "out_dir": str(tmp_path / "d")}), MASK, EOS)
 
 
 @pytest.fixture(scope="module")

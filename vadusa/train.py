@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import distributed
 from .artifacts import read_lines
 from .checks import check_fields, check_values
-from .drafter import FeatureDrafter
+from .drafter import FeatureDrafter, load_drafter
 from .generate import as_processor, split_model
 from .heads import DraftHeads
 
@@ -599,6 +599,30 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # ----- training -----
+def _layout(drafter) -> tuple:
+    """What a warm start must match: the kind and its layer counts."""
+    if isinstance(drafter, FeatureDrafter):
+        return ("feature", drafter.config.depth)
+    c = drafter.config
+    return ("heads", c.num_heads, c.num_layers, c.root_token)
+
+
+def warm_start(heads, config: TrainConfig) -> None:
+    """Load the draft model in `config.init_heads` into the fresh `heads` (same kind and sizes).
+
+    Its base is not checked against the model: a warm start is how heads follow a fine-tuned base (the demo
+    LM after its short-phrase fine-tune); the trained result carries the new base's identity.
+    """
+    start = load_drafter(config.init_heads)
+    have, want = _layout(start), _layout(heads)
+    if have != want:
+        raise ValueError(f"init_heads {config.init_heads} holds {have}, the config asks for {want}")
+    try:
+        heads.load_state_dict(start.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"init_heads {config.init_heads} does not fit this model's sizes: {e}") from e
+
+
 def train(
     model,
     config: TrainConfig,
@@ -627,14 +651,7 @@ def train(
             .train()
         )
     if config.init_heads:
-        start = DraftHeads.from_pretrained(config.init_heads, model)
-        have = (start.config.num_heads, start.config.num_layers, start.config.root_token)
-        if have != (config.num_heads, config.num_layers, config.root_token):
-            raise ValueError(
-                f"init_heads {config.init_heads} has (heads, layers, root_token) = {have},"
-                f" the config asks for {(config.num_heads, config.num_layers, config.root_token)}"
-            )
-        heads.load_state_dict(start.state_dict())
+        warm_start(heads, config)
     device = model.get_output_embeddings().weight.device
     cache = load_cache(cache_dir).to(device)
     hidden_size = split_model(model)[1].weight.shape[1]

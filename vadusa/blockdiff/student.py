@@ -130,9 +130,10 @@ def save_adapter(student, config: BlockConfig, directory: str | os.PathLike) -> 
     return directory
 
 
-def check_adapter(model, directory: Path) -> BlockConfig:
+def check_adapter(model, directory: Path, same_base: bool = True) -> BlockConfig:
     """The adapter's BlockConfig, after checking that it exists and was made for this base model (by vocabulary
-    alone when the base is in bfloat16 / float16: `reduced_precision`)."""
+    alone when the base is in bfloat16 / float16: `reduced_precision`, or when `same_base` is False: a warm
+    start may come from an earlier version of the base, such as the demo LM before its fine-tune)."""
     directory = Path(directory)
     missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
     if missing:
@@ -141,7 +142,7 @@ def check_adapter(model, directory: Path) -> BlockConfig:
     read_safetensors(directory / ADAPTER_FILES[1])
     config = BlockConfig.load(directory)
     vocab = model.get_input_embeddings().weight.shape[0]
-    other_base = config.base_fingerprint != base_fingerprint(model) and not reduced_precision(model)
+    other_base = same_base and config.base_fingerprint != base_fingerprint(model) and not reduced_precision(model)
     if config.vocab_size != vocab or other_base:
         raise ValueError(
             f"the block adapter in {directory} was distilled for another base model (fingerprint "

@@ -539,7 +539,7 @@ def load_checkpoint(directory: Path, student, optimizer, generator) -> dict:
 def initial_adapter(model, cfg: TrainConfig, block_config: BlockConfig) -> tuple[dict, dict]:
     """(LoRA weights, training record) of `cfg.init_adapter`, after checking it fits this base, rank and layout."""
     directory = Path(cfg.init_adapter)
-    found = check_adapter(model, directory)  # before the LoRA wraps the base: the fingerprint reads its names
+    found = check_adapter(model, directory, same_base=False)  # any version of this base: vocabulary, then shapes
     rank = json.loads((directory / "adapter_config.json").read_text()).get("r")
     mine = (cfg.rank, block_config.mask_token_id, block_config.causal_clean, block_config.teacher_prefix)
     theirs = (rank, found.mask_token_id, found.causal_clean, found.teacher_prefix)
