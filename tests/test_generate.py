@@ -89,7 +89,7 @@ def total_variation(p: dict, q: dict) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["heads", "feature"])
+@pytest.mark.parametrize("kind", ["heads", "feature", "dynamic"])
 def test_lossless_matches_autoregressive_joint_distribution(kind):
     """Joint of the first 3 tokens (8^3 outcomes) from lossless VADUSA vs the exact AR joint.
 
@@ -98,9 +98,11 @@ def test_lossless_matches_autoregressive_joint_distribution(kind):
     The lossy tolerance rule on the same draws lands well above B (asserted, so the test can fail).
     """
     model = tiny_llama(vocab=8, seed=1)
-    fit = fitted_drafter if kind == "feature" else fitted_heads
+    fit = fitted_heads if kind == "heads" else fitted_drafter
     heads = fit(model, 2, steps=100, seed=1)
     tree = vadusa.Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0]])
+    if kind == "dynamic":  # the drafter's own choice of 5 nodes, step by step
+        tree = vadusa.DynamicTree(nodes=5, width=2)
     prompt, runs, temperature = [1, 5, 2], 3000, 0.7
     exact = exact_joint(model, prompt, 3, temperature)
     bound = 0.5 * sum((p * (1 - p) / runs) ** 0.5 for p in exact.values())

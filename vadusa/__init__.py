@@ -5,6 +5,7 @@ from .batch import left_pad
 from .cpu import transpose_linear_weights
 from .decoders import DECODERS, build_decoder
 from .drafter import DrafterConfig, FeatureDrafter, load_drafter
+from .dynamic import DynamicTree
 from .generate import GenerationOutput, generate, generate_ar
 from .heads import DraftHeads, HeadsConfig
 from .hf import custom_generate
@@ -15,6 +16,7 @@ __all__ = [
     "DECODERS",
     "DraftHeads",
     "DrafterConfig",
+    "DynamicTree",
     "FeatureDrafter",
     "GenerationOutput",
     "HeadsConfig",

@@ -48,6 +48,8 @@ RULES = {
     "threshold": (lambda v: is_real(v) and 0 < v <= 1, "in (0, 1]"),
     "block_size": (lambda v: v is None or (is_integer(v) and 1 <= v <= MAX_DRAWS), f"an integer in [1, {MAX_DRAWS}]"),
     "unmask": (lambda v: v in UNMASK_RULES, f"one of {UNMASK_RULES}"),
+    "dynamic_nodes": (lambda v: is_integer(v) and 0 <= v <= 256, "an integer in [0, 256] (0: the static tree)"),
+    "dynamic_width": (lambda v: is_integer(v) and 1 <= v <= 16, "an integer in [1, 16]"),
     "approximate_cache": (lambda v: isinstance(v, bool), "True or False"),
     "sliding": (lambda v: v is None or isinstance(v, bool), "None, True or False (None: on with unmask='prefix')"),
 }

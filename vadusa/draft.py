@@ -16,6 +16,7 @@ from pathlib import Path
 from .accuracy import rule_name
 from .checks import check_values
 from .drafter import FeatureDrafter, load_drafter
+from .dynamic import DynamicTree, dynamic_tree
 from .generate import generate
 from .heads import DraftHeads
 from .train import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -36,10 +37,11 @@ def resolve_heads_dir(assets: Path | None, heads) -> Path:
     return path
 
 
-def resolve_tree(tree, heads, heads_dir: Path | None, acceptance: str, tolerance: int) -> Tree:
-    """A Tree from "auto" (the builder's choice for the rule), "chain", a JSON path or a Tree; checked vs heads."""
+def resolve_tree(tree, heads, heads_dir: Path | None, acceptance: str, tolerance: int) -> Tree | DynamicTree:
+    """A Tree from "auto" (the builder's choice for the rule), "chain", a JSON path, a Tree or a DynamicTree;
+    checked against the heads."""
     path = None  # the tree file, named in errors
-    if isinstance(tree, Tree):
+    if isinstance(tree, Tree | DynamicTree):
         resolved = tree
     elif tree is None or tree == "chain":
         resolved = Tree.chain(heads.max_depth)
@@ -82,19 +84,33 @@ def vadusa_factory(
     tolerance: int = 3,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
+    dynamic_nodes: int = 0,
+    dynamic_width: int = 3,
 ):
     """Load the draft model (a directory, DraftHeads or FeatureDrafter), resolve the tree, merge a LoRA adapter
-    if one sits beside the heads. Bad option values raise before anything is loaded."""
+    if one sits beside the heads. Bad option values raise before anything is loaded.
+
+    dynamic_nodes > 0: a dynamic tree (`vadusa.dynamic`, feature drafters) of that many nodes, grown per step
+    with `dynamic_width`, instead of a static one (then `tree` must stay "auto")."""
     check_values(
         acceptance=acceptance, tolerance=tolerance, typical_epsilon=typical_epsilon, typical_alpha=typical_alpha
     )
+    dynamic = dynamic_tree(dynamic_nodes, dynamic_width)
+    if dynamic is not None and not (isinstance(tree, str) and tree == "auto"):
+        raise ValueError(
+            f"dynamic_nodes={dynamic_nodes} grows its own tree every step: it cannot be combined with tree={tree!r}"
+        )
     heads_dir = None
     if not isinstance(heads, DraftHeads | FeatureDrafter):
         heads_dir = resolve_heads_dir(assets, heads)
         heads = load_drafter(heads_dir, model)
     heads.check_compatible(model)
     heads.eval().requires_grad_(False)
-    resolved = resolve_tree(tree, heads, heads_dir, acceptance, tolerance)
+    if dynamic is not None and not isinstance(heads, FeatureDrafter):
+        raise ValueError("dynamic trees need a feature drafter (kind 'feature'); these are independent draft heads")
+    if dynamic is not None:
+        dynamic.validate_for(heads.max_depth, heads.config.vocab_size)
+    resolved = dynamic or resolve_tree(tree, heads, heads_dir, acceptance, tolerance)
     base = model
     if heads_dir is not None and (heads_dir / ADAPTER_CONFIG).is_file() and (heads_dir / ADAPTER_WEIGHTS).is_file():
         base = merged_copy(model, heads_dir)

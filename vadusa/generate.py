@@ -23,6 +23,9 @@ from .accept import get_rule, sample
 from .cache import BufferCache, num_decoder_layers
 from .checks import check_values
 from .drafter import DraftSession, FeatureDrafter, tree_plan
+from .dynamic import DynamicTree
+from .dynamic import buffers as dynamic_buffers
+from .dynamic import draft as dynamic_draft
 from .heads import DraftHeads
 from .tree import Tree
 
@@ -541,10 +544,15 @@ def generate(
     tree = tree if tree is not None else Tree.chain(heads.max_depth)
     tree.validate_for(heads.max_depth, heads.config.vocab_size)
     heads.check_compatible(model)
+    dynamic = isinstance(tree, DynamicTree)
+    if dynamic and not isinstance(heads, FeatureDrafter):
+        raise ValueError("dynamic trees need a feature drafter (kind 'feature'); these are independent draft heads")
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
     processor = as_processor(logits_processor)
     ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else embeds_batch(attention_mask)
     if ids is not None and (ids.shape[0] > 1 or not isinstance(max_new_tokens, int)):
+        if dynamic:
+            raise ValueError("dynamic trees decode one prompt at a time; batches need a static tree")
         check_batch_extras(stopping_criteria)
         return generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, top_k, rule, eos_token_id,
                              processor, streamer, generator, top_p, min_p)  # fmt: skip
@@ -555,12 +563,16 @@ def generate(
     d = _Decoding(model, input_ids, max_new_tokens, n, eos_token_id, streamer, inputs_embeds, stopping_criteria)
     device, dtype = model.device, out_layer.weight.dtype
 
-    # Buffers built once per call: the tree's additive mask lives in a prefix-wide buffer of zeros.
-    tree_bias = tree.attention_bias(dtype).to(device)  # (n, n)
+    # Buffers built once per call (a dynamic tree's, every step): the tree's additive mask lives in a
+    # prefix-wide buffer of zeros.
     mask = torch.zeros(1, 1, n, d.seq.shape[1], dtype=dtype, device=device)  # (1, 1, n, capacity)
-    depths = tree.depths.to(device)  # (n,)
-    buffers = walk_buffers(tree, device)
-    width = buffers.child_index.shape[1]
+    if dynamic:
+        width, depth = tree.width, tree.depth_for(heads.max_depth)
+    else:
+        tree_bias = tree.attention_bias(dtype).to(device)  # (n, n)
+        depths = tree.depths.to(device)  # (n,)
+        buffers = walk_buffers(tree, device)
+        width = buffers.child_index.shape[1]
 
     prompt_states = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
     hidden = prompt_states[-1]  # (D,)
@@ -569,14 +581,18 @@ def generate(
     d.emit([rule(probs, _NO_CHILDREN.to(device), generator)[1]])
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's own cache: rows (x_{j+1}, f_j) of the prompt, the root's last
-        session, plan = DraftSession(heads, model, d.seq.shape[1]), tree_plan(tree, heads.dtype)
+        session = DraftSession(heads, model, d.seq.shape[1])
+        plan = None if dynamic else tree_plan(tree, heads.dtype)
         skip = max(d.history_start - 1, 0)  # an embeddings prompt has no token ids: commit its last row alone
         root_feat = session.commit(d.seq[0, 1 + skip : d.length], prompt_states[skip:])  # (D,)
     while not d.done:
         past = d.length - 1  # cache holds everything before the root
         root = d.seq[0, past]  # 0-dim
         history = d.history()  # (1, t) prompt ids (if any) + emitted tokens
-        if feature:
+        if dynamic:  # this step's tree, grown by the drafter's confidence
+            tokens, parents, node_depths = dynamic_draft(session, tree, depth, root, root_feat, history, processor)
+            tree_bias, depths, buffers = dynamic_buffers(parents, node_depths, width, dtype, device)
+        elif feature:
             tokens = session.draft(plan, root, root_feat, history, processor)  # (n,)
         else:
             tokens = draft_tokens(heads, hidden, root, tree, history, processor)  # (n,)

@@ -225,8 +225,8 @@ def custom_generate(
     """The decoding method `model.generate(..., custom_generate=vadusa.custom_generate)` calls (module doc).
 
     `draft_heads` (required) and `tree` (None: the top-1 chain; "chain", "auto" for a heads directory, a JSON
-    path or a Tree), `acceptance`, `tolerance`, `typical_epsilon`, `typical_alpha` and `generator` are VADUSA's
-    options; everything else is transformers'. `do_sample=False` decodes greedily (identical to greedy
+    path, a Tree or a DynamicTree), `acceptance`, `tolerance`, `typical_epsilon`, `typical_alpha` and
+    `generator` are VADUSA's options; everything else is transformers'. `do_sample=False` decodes greedily (identical to greedy
     `model.generate`); with `do_sample=True`, "lossless" samples exactly `model.generate`'s distribution. Returns
     the sequences tensor, or a `VadusaGenerateOutput` with `return_dict_in_generate=True`.
     """
@@ -308,10 +308,13 @@ def vadusa_hf_factory(
     tolerance: int = 3,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
+    dynamic_nodes: int = 0,
+    dynamic_width: int = 3,
 ):
     """The "vadusa-hf" decoder: the "vadusa" decoder's heads and tree, driven through `model.generate(...,
     custom_generate=custom_generate)` as a transformers user would call it (the harness row beside "vadusa")."""
-    native = vadusa_factory(model, assets, heads, tree, acceptance, tolerance, typical_epsilon, typical_alpha)
+    native = vadusa_factory(model, assets, heads, tree, acceptance, tolerance, typical_epsilon, typical_alpha,
+                            dynamic_nodes, dynamic_width)  # fmt: skip
     base, drafter, resolved = native.model, native.heads, native.tree
 
     def run(input_ids, max_new_tokens=256, temperature=1.0, top_k=None, eos_token_id=None, logits_processor=None,

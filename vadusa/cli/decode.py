@@ -41,7 +41,8 @@ from vadusa.speech.stats import summary, text_stats
 from vadusa.speech.text import check_text
 
 # given to the decoder if set
-DECODER_FLAGS = ("tree", "acceptance", "tolerance", "threshold", "block_size", "unmask", "approximate_cache", "sliding")
+DECODER_FLAGS = ("tree", "acceptance", "tolerance", "dynamic_nodes", "dynamic_width", "threshold", "block_size",
+                 "unmask", "approximate_cache", "sliding")  # fmt: skip
 SAMPLING_FLAGS = ("top_k", "top_p", "min_p")  # given to every decoder's run if set
 
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
     g.add_argument("--tree", help="vadusa tree: auto (the builder's choice), chain, or a tree JSON file")
     g.add_argument("--acceptance", help="vadusa acceptance rule: tolerance, typical, lossless, greedy")
     g.add_argument("--tolerance", type=int, help="vadusa tolerance tau (draws from the base per node)")
+    g.add_argument("--dynamic-nodes", type=int, help="vadusa dynamic tree (EAGLE-2): nodes verified per step")
+    g.add_argument("--dynamic-width", type=int, help="vadusa dynamic tree: nodes expanded per depth (default 3)")
     g.add_argument("--threshold", type=float, help="block decoding confidence threshold in (0, 1] (default 0.35)")
     g.add_argument("--block-size", type=int, help="block decoding block size (default: the adapter's)")
     g.add_argument(
