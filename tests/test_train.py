@@ -9,6 +9,7 @@ import torch
 import vadusa
 from tests.conftest import fitted_heads, tiny_llama
 from vadusa import accuracy, train
+from vadusa.accept import typical
 from vadusa.draft import vadusa_factory
 
 VOCAB = 48
@@ -186,6 +187,25 @@ def test_tolerance_accept_matches_enumeration():
         torch.testing.assert_close(accuracy.tolerance_accept(probs[cands], tau), exact)
 
 
+def test_typical_table_is_the_typical_rules_choice():
+    """acc['typical'] marks the rank the decoder's typical rule accepts (first over the threshold), state by state."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 12, generator=g) * torch.linspace(0.5, 4.0, 40)[:, None]  # flat to peaked
+    log_probs = torch.log_softmax(logits, -1)
+    cands = torch.stack([torch.randperm(12, generator=g)[:4] for _ in range(40)])[:, None]  # (G, 1, R)
+    gen = torch.randint(0, 12, (40,), generator=g)
+    vals, valid = accuracy.node_values(gen, log_probs, cands, "typical")
+    checked = 0
+    for i in valid[:, 0].nonzero().flatten().tolist():
+        index, _ = typical(log_probs[i + 1].exp(), cands[i, 0], torch.zeros(1))
+        want = torch.zeros(4, dtype=torch.float64)
+        if index >= 0:
+            want[index] = 1.0
+        torch.testing.assert_close(vals[i, 0], want)
+        checked += int(index >= 0)
+    assert checked > 5  # some states do accept a candidate
+
+
 @pytest.fixture(scope="module")
 def model_heads_report():
     model = tiny_llama(VOCAB)
@@ -243,6 +263,11 @@ def test_auto_tree_built_from_accuracy_drives_the_decoder(model_heads_report, tm
     assert torch.equal(out.sequences, vadusa.generate_ar(model, prompt, max_new_tokens=60, temperature=0).sequences)
     sampled = run(prompt, max_new_tokens=60, generator=torch.Generator().manual_seed(0))
     assert sampled.new_tokens == 60 and sampled.mean_accepted > 1.0
+    typical_run = vadusa.build_decoder("vadusa", model, assets=assets, acceptance="typical")
+    assert typical_run.tree.meta["rule"] == "typical"  # its own table and tree
+    (assets / "heads" / "tree-typical.json").unlink()  # heads built before typical had a table: tau1's tree
+    older = vadusa.build_decoder("vadusa", model, assets=assets, acceptance="typical")
+    assert older.tree.meta["rule"] == "tau1"
 
 
 # ----- bad input -----

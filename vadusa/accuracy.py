@@ -8,6 +8,8 @@ Per rule, the probability that rank r is the accepted child (the first one in ra
 
     greedy      1[c_r == argmax p]                                    (on greedy continuations)
     tau         (1 - S_{r-1})^tau - (1 - S_r)^tau,  S_r = p(c_0) + ... + p(c_r)   (tolerance sampling)
+    typical     1[p(c_r) > t] * prod_{r' < r} 1[p(c_r') <= t],  t = min(0.09, 0.3 exp(-H(p)))   (Medusa-2,
+                the decoder's default epsilon and alpha)
 
 These are exclusive over ranks (sum_r acc[h][r] <= 1), so a tree whose ranks are contiguous has expected
 accepted length sum over nodes of the product of acc along the node's path (`tree.expected_accept_length`).
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .accept import typical_threshold
 from .drafter import FeatureDrafter
 from .generate import as_processor
 from .heads import DraftHeads
@@ -44,12 +47,12 @@ def heads_fingerprint(heads: DraftHeads) -> str:
 
 
 def rule_name(acceptance: str, tolerance: int = 3) -> str:
-    """The accuracy/tree key of an acceptance rule: 'greedy' or 'tau<k>' (lossless and typical use 'tau1')."""
-    if acceptance == "greedy":
-        return "greedy"
+    """The accuracy/tree key of an acceptance rule: 'greedy', 'tau<k>', 'typical' (lossless uses 'tau1')."""
+    if acceptance in ("greedy", "typical"):
+        return acceptance
     if acceptance == "tolerance":
         return f"tau{tolerance}"
-    return "tau1"  # lossless and typical accept roughly like sample-and-match
+    return "tau1"  # lossless accepts roughly like sample-and-match
 
 
 def tolerance_accept(p_cands: torch.Tensor, tau: int) -> torch.Tensor:
@@ -120,6 +123,9 @@ def node_values(gen, log_probs, cands, rule: str) -> tuple[torch.Tensor, torch.T
         p, c = probs[i + 1 + k], cands[i, k]  # (n, V), (n, R)
         if rule == "greedy":
             vals[i, k] = (c == p.argmax(-1, keepdim=True)).double()
+        elif rule == "typical":
+            hits = p.gather(-1, c) > typical_threshold(p, 0.09, 0.3)[:, None]  # (n, R)
+            vals[i, k] = (hits & (hits.cumsum(-1) == 1)).double()  # the first rank over the threshold
         else:
             vals[i, k] = tolerance_accept(p.gather(-1, c).double(), int(rule[3:]))
     return vals, valid
@@ -167,7 +173,7 @@ def measure_accuracy(
     model,
     heads: DraftHeads,
     prompts: list[list[int]],
-    rules=("greedy", "tau1", "tau2", "tau3", "tau4"),
+    rules=("greedy", "tau1", "tau2", "tau3", "tau4", "typical"),
     max_rank: int = 9,
     max_new_tokens: int | list[int] = 256,
     temperature: float = 1.0,

@@ -5,7 +5,7 @@
 
 Artifacts (all in the heads directory, default <assets>/heads):
     config.json + model.safetensors        the draft model: DraftHeads, or a FeatureDrafter ("kind": "feature")
-    tree-<rule>.json                       the tree the builder chose for a rule ("greedy", "tau1".."tau4")
+    tree-<rule>.json                       the tree the builder chose for a rule ("greedy", "tau1".."tau4", "typical")
     adapter_config.json + adapter_model.safetensors   optional joint-mode LoRA, merged into a copy of the base
 """
 
@@ -47,6 +47,8 @@ def resolve_tree(tree, heads, heads_dir: Path | None, acceptance: str, tolerance
         resolved = Tree.chain(heads.max_depth)
     elif tree == "auto":
         path = heads_dir / f"tree-{rule_name(acceptance, tolerance)}.json" if heads_dir is not None else None
+        if acceptance == "typical" and path is not None and not path.is_file():
+            path = heads_dir / "tree-tau1.json"  # heads built before typical had its own table
         if path is None or not path.is_file():
             found = sorted(p.name for p in heads_dir.glob("tree-*.json")) if heads_dir else []
             raise FileNotFoundError(

@@ -114,26 +114,20 @@ def choose(tokens, scores, parents, depths, nodes: int):
 
 
 def buffers(parents: list[int], depths: list[int], width: int, dtype, device):
-    """(tree bias (n, n), depths (n,), WalkBuffers) of a tree given by its parents, as `generate` reads them."""
+    """(tree bias (n, n), depths (n,), WalkBuffers) of a tree given by its parents, as `generate` reads them.
+    Built from Python lists with one tensor per buffer: it runs every step."""
     from .generate import WalkBuffers
 
-    n, top = len(parents), max(depths)
-    ancestors = [[i] for i in range(n)]
+    n, top, low = len(parents), max(depths), torch.finfo(dtype).min
+    ancestors = [[0]]  # node ids from the root down to the node itself
     children = [[] for _ in range(n)]
     for i in range(1, n):
-        ancestors[i] = ancestors[parents[i]] + [i]
+        ancestors.append(ancestors[parents[i]] + [i])
         children[parents[i]].append(i)
-    visible = torch.zeros(n, n, dtype=torch.bool)
-    for i, a in enumerate(ancestors):
-        visible[i, a] = True
-    bias = torch.zeros(n, n, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-    child_index = torch.full((n, width), -1, dtype=torch.long)
-    for i, c in enumerate(children):
-        child_index[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-    at_depth = torch.zeros(n, max(top, 1), dtype=torch.long)  # (n, depth): ancestor at depth 1.. (itself at its own)
-    for i, a in enumerate(ancestors):
-        at_depth[i, : len(a) - 1] = torch.tensor(a[1:], dtype=torch.long)
-    d = torch.tensor(depths)
-    by_depth = [(d == j).nonzero().flatten().to(device) for j in range(top + 1)]
-    walk = WalkBuffers(children, child_index.to(device), by_depth, at_depth.to(device))
-    return bias.to(device), d.to(device), walk
+    seen = [set(a) for a in ancestors]
+    bias = torch.tensor([[0.0 if j in a else low for j in range(n)] for a in seen], dtype=dtype)  # (n, n)
+    child_index = torch.tensor([c + [-1] * (width - len(c)) for c in children], dtype=torch.long)
+    at_depth = torch.tensor([a[1:] + [0] * (max(top, 1) - len(a) + 1) for a in ancestors], dtype=torch.long)
+    by_depth = [torch.tensor([i for i in range(n) if depths[i] == j], dtype=torch.long) for j in range(top + 1)]
+    walk = WalkBuffers(children, child_index.to(device), [b.to(device) for b in by_depth], at_depth.to(device))
+    return bias.to(device), torch.tensor(depths, device=device), walk

@@ -226,9 +226,9 @@ def custom_generate(
 
     `draft_heads` (required) and `tree` (None: the top-1 chain; "chain", "auto" for a heads directory, a JSON
     path, a Tree or a DynamicTree), `acceptance`, `tolerance`, `typical_epsilon`, `typical_alpha` and
-    `generator` are VADUSA's options; everything else is transformers'. `do_sample=False` decodes greedily (identical to greedy
-    `model.generate`); with `do_sample=True`, "lossless" samples exactly `model.generate`'s distribution. Returns
-    the sequences tensor, or a `VadusaGenerateOutput` with `return_dict_in_generate=True`.
+    `generator` are VADUSA's options; everything else is transformers'. `do_sample=False` decodes greedily
+    (identical to greedy `model.generate`); with `do_sample=True`, "lossless" samples exactly `model.generate`'s
+    distribution. Returns the sequences tensor, or a `VadusaGenerateOutput` with `return_dict_in_generate=True`.
     """
     caller = caller_arguments()
     streamer = streamer if streamer is not None else caller.get("streamer")
