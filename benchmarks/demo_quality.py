@@ -1,6 +1,6 @@
 """Intelligibility of the demo TTS: held-out short phrases and the test-split sentences, by the judge's CER.
 
-    python benchmarks/demo_quality.py --phrases [--decoders ar,vadusa] [--seeds 3] [--json phrases.json]
+    python benchmarks/demo_quality.py --phrases [--decoders "ar; vadusa; vadusa:acceptance=typical"] [--seeds 3]
     python benchmarks/demo_quality.py --sentences [--limit 295] [--json sentences.json]
 
 --phrases: every phrase of `phrases.HELD_OUT` (never in the corpus) plus the first phrases people type
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from vadusa.bench import bootstrap_interval
+from vadusa.bench import bootstrap_interval, parse_configs
 from vadusa.speech import TTSPipeline, corpus, phrases
 
 ALSO = ("No.", "Hello.", "Stop!", "Yes.")  # the worst phrases of the demo issue (in the training phrases now)
@@ -31,18 +31,23 @@ def espeak_cer(pipe: TTSPipeline, text: str, voice: str, rate: str) -> float:
 
 
 def phrase_figures(pipe: TTSPipeline, texts, decoders, seeds: int) -> dict:
-    """Per phrase: espeak CER and, per decoder, the mean CER over seeds; then means with intervals."""
+    """Per phrase: espeak CER and, per decoder row (`parse_configs` rows), the mean CER over seeds; then means
+    with intervals."""
     rows = []
     for text in texts:
         voice, rate = corpus.voice_rate_of(text)
         row = {"text": text, "words": len(text.split()), "voice": voice, "rate": rate,
                "espeak": espeak_cer(pipe, text, voice, rate)}  # fmt: skip
-        for name in decoders:
-            cers = [pipe.cer(*pipe.synthesize(text, voice, name, seed=s, rate=rate)[:2], text) for s in range(seeds)]
-            row[name] = statistics.mean(cers)
+        for spec in decoders:
+            cers = [
+                pipe.cer(*pipe.synthesize(text, voice, spec.decoder, seed=s, rate=rate, **spec.config)[:2], text)
+                for s in range(seeds)
+            ]
+            row[spec.label] = statistics.mean(cers)
         rows.append(row)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{v}" for k, v in row.items()), flush=True)
     summary = {}
+    decoders = [spec.label for spec in decoders]
     for name in ("espeak", *decoders):
         values = [r[name] for r in rows]
         summary[name] = {"cer": statistics.mean(values), "cer_ci": bootstrap_interval(values)}
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phrases", action="store_true", help="held-out short phrases")
     p.add_argument("--sentences", action="store_true", help="test-split sentences, AR at T=1")
-    p.add_argument("--decoders", default="ar,vadusa", help="comma-separated decoders for --phrases")
+    p.add_argument("--decoders", default="ar; vadusa", help="decoder rows for --phrases, as decode.py --configs")
     p.add_argument("--seeds", type=int, default=3, help="seeds per phrase")
     p.add_argument("--limit", type=int, default=None, help="first N test sentences (default: all)")
     p.add_argument("--demo", type=Path, default=None, help="demo directory (default: the shipped one)")
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
     pipe = TTSPipeline.from_pretrained(args.demo)
     figures = {"threads": torch.get_num_threads(), "demo": str(pipe.directory)}
     if args.phrases:
-        decoders = args.decoders.split(",")
+        decoders = parse_configs(args.decoders)
         figures["phrases"] = {
             "held_out": phrase_figures(pipe, phrases.HELD_OUT, decoders, args.seeds),
             "also": phrase_figures(pipe, ALSO, decoders, args.seeds),
