@@ -126,3 +126,13 @@ def budget(examples: int) -> int:
     import os
 
     return examples * int(os.environ.get("PROPERTY_SCALE", "1"))
+
+
+def assert_cache_continues(model, out) -> None:
+    """The cache a generation returns holds `sequences[:, :-1]`: continuing from it gives a fresh forward's logits."""
+    seq = out.sequences
+    assert out.cache.get_seq_length() == seq.shape[1] - 1
+    with torch.no_grad():
+        continued = model(seq[:, -1:], past_key_values=out.cache, position_ids=torch.tensor([[seq.shape[1] - 1]]))
+        fresh = model(seq)
+    assert torch.allclose(continued.logits[0, -1], fresh.logits[0, -1], atol=1e-4)

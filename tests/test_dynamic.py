@@ -5,7 +5,7 @@ import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 import vadusa
-from tests.conftest import TEST_PROMPT, fitted_drafter, fitted_heads, tiny_gpt2, tiny_llama
+from tests.conftest import TEST_PROMPT, assert_cache_continues, fitted_drafter, fitted_heads, tiny_gpt2, tiny_llama
 from vadusa.dynamic import DynamicTree, buffers, choose
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -56,12 +56,7 @@ def test_sampling_with_a_dynamic_tree_keeps_the_cache_of_the_sequence(model_and_
     ]
     out = runs[0]
     assert torch.equal(out.sequences, runs[1].sequences) and out.new_tokens == 97
-    seq = out.sequences
-    assert out.cache.get_seq_length() == seq.shape[1] - 1
-    with torch.no_grad():
-        continued = model(seq[:, -1:], past_key_values=out.cache, position_ids=torch.tensor([[seq.shape[1] - 1]]))
-        fresh = model(seq)
-    assert torch.allclose(continued.logits[0, -1], fresh.logits[0, -1], atol=1e-4)
+    assert_cache_continues(model, out)
 
 
 def test_choose_keeps_the_most_probable_nodes_as_a_tree():

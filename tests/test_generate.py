@@ -7,7 +7,7 @@ from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, Repe
 from transformers.generation.streamers import BaseStreamer
 
 import vadusa
-from tests.conftest import TEST_PROMPT, fitted_drafter, fitted_heads, tiny_gpt2, tiny_llama
+from tests.conftest import TEST_PROMPT, assert_cache_continues, fitted_drafter, fitted_heads, tiny_gpt2, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 WIDE = vadusa.Tree.from_paths([[r] for r in range(12)] + [[r, 0] for r in range(4)] + [[0, 1]])
@@ -166,12 +166,7 @@ def test_cache_is_compacted_to_the_sequence(model_and_heads, medusa_tree, accept
         acceptance=acceptance,
         generator=torch.Generator().manual_seed(0),
     )
-    seq = out.sequences
-    assert out.cache.get_seq_length() == seq.shape[1] - 1
-    with torch.no_grad():
-        continued = model(seq[:, -1:], past_key_values=out.cache, position_ids=torch.tensor([[seq.shape[1] - 1]]))
-        fresh = model(seq)
-    assert torch.allclose(continued.logits[0, -1], fresh.logits[0, -1], atol=1e-4)
+    assert_cache_continues(model, out)
 
 
 class Recorder(BaseStreamer):
