@@ -338,6 +338,7 @@ def test_cli_end_to_end(tmp_path):
     assert set(measured) == {"tau1", "tau3"} and all(m["mean_accepted"] >= 1.0 for m in measured.values())
     assert sorted(p.name for p in (tmp_path / "heads").glob("tree-*.json")) == [
         "tree-greedy.json", "tree-tau1.json", "tree-tau2.json", "tree-tau3.json", "tree-tau4.json",
+        "tree-typical.json",
     ]  # fmt: skip
 
 

@@ -106,8 +106,11 @@ def run_all(pipe: TTSPipeline, options: PageOptions) -> list[Result]:
 
 
 def steps(out: GenerationOutput) -> list[int]:
-    """Tokens emitted by each forward pass: the prefill's first token, then every verification's."""
-    return [1] + list(out.accepted_lengths) if out.new_tokens else []
+    """Tokens emitted by each forward pass: the first pass's (one token for ar and vadusa; block decoding's
+    first window may decide several), then every later pass's."""
+    if not out.new_tokens:
+        return []
+    return [out.new_tokens - sum(out.accepted_lengths)] + list(out.accepted_lengths)
 
 
 def stats_markdown(results: list[Result]) -> str:

@@ -298,10 +298,11 @@ def slide(d: _Decoding, body, probs_of, masks: MaskBuffer, size: int, threshold,
         hidden = forward_window(body, d.cache, masks, commit, window, True, d.embeds)[-n:]  # (n, D) inputs p-1 .. p+n-2
         tokens, chosen = sample_and_select(probs_of(hidden), temperature, threshold, generator, prefix=True)
         decided = tokens[: int(chosen.sum())].tolist()  # the leading run, >= 1 target
-        if d.forward_passes > 0:
-            d.accepted_lengths.append(len(decided))
-        d.forward_passes += 1
+        before = d.length
         d.emit(decided)  # cut at the first EOS and at the budget
+        if d.forward_passes > 0:
+            d.accepted_lengths.append(d.length - before)  # what was emitted, as vadusa counts
+        d.forward_passes += 1
         if n > 1:
             d.cache.crop(1 - n)  # keep the commit and the decided inputs start .. p-1
         commit, start = commit[:0], p

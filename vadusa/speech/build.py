@@ -314,16 +314,17 @@ def build_finetune(cfg: BuildConfig):
     save_lm(model, vocab, model_cfg, out, stages + [record])
 
 
-def save_lm(model, vocab: Vocab, model_cfg: LMConfig, out: Path, stages: list[dict]) -> None:
+def save_lm(model, vocab: Vocab, model_cfg: LMConfig, out: Path, stages: list[dict] | None = None) -> None:
     """transformers save_pretrained into a temp directory, then one rename (atomic for readers).
 
-    `stages`: how it was trained, one record per build stage (lm/training.json)."""
+    `stages`: how it was trained, one record per build stage (lm/training.json; none: not written)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     vocab.save(tmp / "vocab.json")
     write_json(tmp / "lm.json", asdict(model_cfg))
-    write_json(tmp / "training.json", stages)
+    if stages is not None:
+        write_json(tmp / "training.json", stages)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
