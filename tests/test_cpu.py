@@ -49,3 +49,43 @@ def test_outputs_and_greedy_decoding_are_unchanged(tmp_path):
     loaded = type(model).from_pretrained(tmp_path)
     saved, kept = loaded.state_dict(), model.state_dict()
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in kept)
+
+
+# ----- multirow_onednn: products of more than two rows on oneDNN's packed weights -----
+def test_multirow_linear_equals_linear_and_follows_weight_changes():
+    from vadusa.cpu import MultirowLinear, multirow_onednn
+
+    plain = nn.Linear(64, 96)
+    layer = multirow_onednn(nn.Sequential(copy.deepcopy(plain)))[0]
+    assert type(layer) is MultirowLinear and layer.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(16, 64)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 9, 16):
+            torch.testing.assert_close(layer(x[:rows]), plain(x[:rows]), atol=1e-5, rtol=1e-5)
+        packed = torch.ops.mkldnn._linear_pointwise(x[:9], layer.weight, layer.bias, "none", [], "")
+        assert torch.equal(layer(x[:9]), packed)  # more than two rows: the oneDNN kernel
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # changed in place (a LoRA merge does this): packed again
+        plain.weight.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x[:9]), plain(x[:9]), atol=1e-5, rtol=1e-5)
+    twin = copy.deepcopy(layer)  # a copy (the block student) gets its own packing
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x[:9]), plain(x[:9]), atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)
+    layer(x[:9]).sum().backward()  # training takes nn.Linear's path
+    torch.testing.assert_close(x.grad[:9], plain.weight.sum(0).expand(9, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_vadusa_equals_greedy_ar_with_multirow_onednn():
+    from tests.conftest import fitted_drafter
+    from vadusa.cpu import multirow_onednn
+
+    model = tiny_llama(seed=4)
+    drafter = fitted_drafter(model, steps=40, seed=4)
+    prompt = torch.tensor([TEST_PROMPT])
+    reference = model.generate(prompt, max_new_tokens=120, min_new_tokens=120, do_sample=False)
+    multirow_onednn(vadusa.transpose_linear_weights(model))
+    tree = vadusa.Tree.from_paths([[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]])
+    out = vadusa.generate(model, drafter, prompt, tree=tree, max_new_tokens=120, temperature=0)
+    assert torch.equal(out.sequences, reference) and out.mean_accepted > 1.2

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessorList
 
-from ..cpu import transpose_linear_weights
+from ..cpu import multirow_onednn, onednn_pays, transpose_linear_weights
 from ..decoders import DECODERS, build_decoder, decoder_options
 from ..generate import GenerationOutput
 from .codec import UnitCodec
@@ -59,6 +59,8 @@ class TTSPipeline:
         try:
             vocab = Vocab.load(directory / "lm" / "vocab.json")
             model = transpose_linear_weights(LlamaForCausalLM.from_pretrained(directory / "lm", dtype=torch.float32))
+            if onednn_pays():  # this CPU's multi-row products are faster on oneDNN (`vadusa.cpu`)
+                multirow_onednn(model)
             codec = UnitCodec.from_pretrained(directory / "codec")
             judge = Judge.from_pretrained(directory / "judge")
         except Exception as e:  # a truncated or edited file: say which directory, not a deep traceback
