@@ -82,6 +82,8 @@ def test_dynamic_tree_bad_inputs_raise(model_and_drafter, tmp_path):
         DynamicTree(nodes=0)
     with pytest.raises(ValueError, match="dynamic tree depth 9 exceeds the drafter's depth 4"):
         vadusa.generate(model, drafter, prompt, tree=DynamicTree(depth=9))
+    with pytest.raises(ValueError, match="width 1 and depth 4 drafts 4 nodes, fewer than the 5 to verify"):
+        vadusa.generate(model, drafter, prompt, tree=DynamicTree(nodes=5, width=1))
     heads = fitted_heads(model, steps=5)
     with pytest.raises(ValueError, match="dynamic trees need a feature drafter"):
         vadusa.generate(model, heads, prompt, tree=DynamicTree())

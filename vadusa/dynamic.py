@@ -42,6 +42,13 @@ class DynamicTree:
         """Raise if the tree drafts deeper than the drafter was trained for, or wider than the vocabulary."""
         if self.depth > max_depth:
             raise ValueError(f"dynamic tree depth {self.depth} exceeds the drafter's depth {max_depth}")
+        depth = self.depth_for(max_depth)
+        drafted = self.width + (depth - 1) * self.width**2  # width children of the root, then width x width a depth
+        if self.nodes > drafted:
+            raise ValueError(
+                f"a dynamic tree of width {self.width} and depth {depth} drafts {drafted} nodes, fewer than the "
+                f"{self.nodes} to verify: widen or deepen it, or verify fewer"
+            )
         if vocab_size is not None and self.width > vocab_size:
             raise ValueError(f"dynamic tree width {self.width} exceeds the vocabulary size {vocab_size}")
 
@@ -100,7 +107,7 @@ def draft(session, spec: DynamicTree, depth: int, root, root_feat, history, proc
 
 def choose(tokens, scores, parents, depths, nodes: int):
     """The `nodes` most probable drafted nodes and the root -> (tokens (n,), parents [n], depths [n]) in
-    breadth-first order, siblings most probable first. Fewer nodes only if fewer were drafted."""
+    breadth-first order, siblings most probable first (`validate_for` ensures at least `nodes` were drafted)."""
     key = scores - 1e-9 * depths  # a child never outranks its parent, even at probability 1
     keep = (torch.topk(key[1:], min(nodes, key.shape[0] - 1)).indices + 1).tolist()
     depth_list, key_list, parent_list = depths.tolist(), key.tolist(), parents.tolist()
