@@ -140,11 +140,16 @@ def write_shard(path: Path, items: list[dict], rows: list[dict]) -> None:
     write_tensors(path, {"mel": torch.cat([it["mel"] for it in items]), "lengths": lengths})
 
 
+def shard_paths(cfg: BuildConfig) -> list[Path]:
+    """The corpus shards written so far: sentences, then phrases (the order of every per-item list)."""
+    corpus_dir = cfg.work / "corpus"
+    return sorted(corpus_dir.glob("shard-*.safetensors")) + sorted(corpus_dir.glob("phrases-*.safetensors"))
+
+
 def load_corpus(cfg: BuildConfig) -> tuple[list[dict], list[torch.Tensor]]:
     """(metadata rows, (T, 80) float16 log-mels) of every synthesised item: sentences, then phrases."""
     rows, mels = [], []
-    paths = sorted((cfg.work / "corpus").glob("shard-*.safetensors"))
-    for path in paths + sorted((cfg.work / "corpus").glob("phrases-*.safetensors")):
+    for path in shard_paths(cfg):
         rows += [{"kind": "sentence"} | r for r in read_json(path.with_suffix(".json"))]
         t = read_tensors(path)
         mels += list(torch.split(t["mel"], t["lengths"].tolist()))
@@ -159,12 +164,13 @@ def build_codec(cfg: BuildConfig):
     """
     out = cfg.out / "codec"
     units_path = cfg.work / "units.safetensors"
+    items = sum(len(read_json(p.with_suffix(".json"))) for p in shard_paths(cfg))
+    done = units_path.exists() and len(read_tensors(units_path)["lengths"]) == items  # else: new corpus items
+    if (out / "model.safetensors").exists() and done and (cfg.work / "vocab.json").exists():
+        return UnitCodec.from_pretrained(out)
     rows, mels = load_corpus(cfg)
     if not rows:
         raise RuntimeError(f"no corpus under {cfg.work / 'corpus'}: run the corpus stage first")
-    done = units_path.exists() and len(read_tensors(units_path)["lengths"]) == len(rows)  # else: new corpus items
-    if (out / "model.safetensors").exists() and done and (cfg.work / "vocab.json").exists():
-        return UnitCodec.from_pretrained(out)
     if (out / "model.safetensors").exists():
         codec = UnitCodec.from_pretrained(out)
     else:
