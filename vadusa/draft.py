@@ -16,7 +16,7 @@ from pathlib import Path
 from .accuracy import rule_name
 from .checks import check_values
 from .drafter import FeatureDrafter, load_drafter
-from .dynamic import DynamicTree, dynamic_tree
+from .dynamic import DynamicTree, check_drafter, dynamic_tree
 from .generate import generate
 from .heads import DraftHeads
 from .train import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -108,10 +108,8 @@ def vadusa_factory(
         heads = load_drafter(heads_dir, model)
     heads.check_compatible(model)
     heads.eval().requires_grad_(False)
-    if dynamic is not None and not isinstance(heads, FeatureDrafter):
-        raise ValueError("dynamic trees need a feature drafter (kind 'feature'); these are independent draft heads")
     if dynamic is not None:
-        dynamic.validate_for(heads.max_depth, heads.config.vocab_size)
+        check_drafter(dynamic, heads)
     resolved = dynamic or resolve_tree(tree, heads, heads_dir, acceptance, tolerance)
     base = model
     if heads_dir is not None and (heads_dir / ADAPTER_CONFIG).is_file() and (heads_dir / ADAPTER_WEIGHTS).is_file():

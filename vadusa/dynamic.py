@@ -53,6 +53,15 @@ class DynamicTree:
             raise ValueError(f"dynamic tree width {self.width} exceeds the vocabulary size {vocab_size}")
 
 
+def check_drafter(tree: DynamicTree, heads) -> None:
+    """Raise unless `heads` is a feature drafter that `tree` fits (depth, width, nodes)."""
+    from .drafter import FeatureDrafter
+
+    if not isinstance(heads, FeatureDrafter):
+        raise ValueError("dynamic trees need a feature drafter (kind 'feature'); these are independent draft heads")
+    tree.validate_for(heads.max_depth, heads.config.vocab_size)
+
+
 def dynamic_tree(nodes: int, width: int = 3) -> DynamicTree | None:
     """The decoder options' DynamicTree (None when nodes is 0: the static tree)."""
     check_values(dynamic_nodes=nodes, dynamic_width=width)

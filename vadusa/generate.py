@@ -23,7 +23,7 @@ from .accept import get_rule, sample
 from .cache import BufferCache, num_decoder_layers
 from .checks import check_values
 from .drafter import DraftSession, FeatureDrafter, tree_plan
-from .dynamic import DynamicTree
+from .dynamic import DynamicTree, check_drafter
 from .dynamic import buffers as dynamic_buffers
 from .dynamic import draft as dynamic_draft
 from .heads import DraftHeads
@@ -545,8 +545,8 @@ def generate(
     tree.validate_for(heads.max_depth, heads.config.vocab_size)
     heads.check_compatible(model)
     dynamic = isinstance(tree, DynamicTree)
-    if dynamic and not isinstance(heads, FeatureDrafter):
-        raise ValueError("dynamic trees need a feature drafter (kind 'feature'); these are independent draft heads")
+    if dynamic:
+        check_drafter(tree, heads)
     rule = get_rule("greedy" if temperature == 0 else acceptance, tolerance, typical_epsilon, typical_alpha)
     processor = as_processor(logits_processor)
     ids, mask = check_batch(input_ids, attention_mask) if inputs_embeds is None else embeds_batch(attention_mask)
