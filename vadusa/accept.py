@@ -81,13 +81,16 @@ def tolerance_batch(probs, children, u):
 
 
 # ----- typical (Medusa-2) -----
+TYPICAL_EPSILON, TYPICAL_ALPHA = 0.09, 0.3  # Medusa-2's typical acceptance defaults
+
+
 def typical_threshold(probs: torch.Tensor, epsilon: float, alpha: float) -> torch.Tensor:
     """(..., V) -> (...,) min(epsilon, alpha * exp(-entropy))."""
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
     return torch.clamp(alpha * torch.exp(-entropy), max=epsilon)
 
 
-def typical(probs, children, u, epsilon: float = 0.09, alpha: float = 0.3) -> tuple[int, int]:
+def typical(probs, children, u, epsilon: float = TYPICAL_EPSILON, alpha: float = TYPICAL_ALPHA) -> tuple[int, int]:
     """Medusa-2 typical acceptance: accept the first child with p > min(epsilon, alpha * exp(-entropy))."""
     hits = (probs[children] > typical_threshold(probs, epsilon, alpha)).nonzero()
     if len(hits):
@@ -95,7 +98,7 @@ def typical(probs, children, u, epsilon: float = 0.09, alpha: float = 0.3) -> tu
     return -1, int(inverse_cdf(probs, u[:1]))
 
 
-def typical_batch(probs, children, u, epsilon: float = 0.09, alpha: float = 0.3):
+def typical_batch(probs, children, u, epsilon: float = TYPICAL_EPSILON, alpha: float = TYPICAL_ALPHA):
     p = probs.gather(-1, children.clamp(min=0))  # (N, C)
     hits = (p > typical_threshold(probs, epsilon, alpha)[:, None]) & (children >= 0)
     index = first_hit(hits)
@@ -162,7 +165,7 @@ class Rule:
         return self.node(probs, children, self.uniforms(1, len(children), generator, probs.device)[0])
 
 
-def get_rule(acceptance: str, tau: int = 3, epsilon: float = 0.09, alpha: float = 0.3) -> Rule:
+def get_rule(acceptance: str, tau: int = 3, epsilon: float = TYPICAL_EPSILON, alpha: float = TYPICAL_ALPHA) -> Rule:
     """The rule called `acceptance`, with its options bound."""
     if acceptance == "greedy":
         return Rule("greedy", lambda c: 0, greedy, greedy_batch)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .accept import typical_threshold
+from .accept import TYPICAL_ALPHA, TYPICAL_EPSILON, typical_threshold
 from .drafter import FeatureDrafter
 from .generate import as_processor
 from .heads import DraftHeads
@@ -124,7 +124,7 @@ def node_values(gen, log_probs, cands, rule: str) -> tuple[torch.Tensor, torch.T
         if rule == "greedy":
             vals[i, k] = (c == p.argmax(-1, keepdim=True)).double()
         elif rule == "typical":
-            hits = p.gather(-1, c) > typical_threshold(p, 0.09, 0.3)[:, None]  # (n, R)
+            hits = p.gather(-1, c) > typical_threshold(p, TYPICAL_EPSILON, TYPICAL_ALPHA)[:, None]  # (n, R)
             vals[i, k] = (hits & (hits.cumsum(-1) == 1)).double()  # the first rank over the threshold
         else:
             vals[i, k] = tolerance_accept(p.gather(-1, c).double(), int(rule[3:]))

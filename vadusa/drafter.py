@@ -432,6 +432,14 @@ class DraftSession:
         self.length = end
         return self.finish(x[-1:], attended)[0]
 
+    def depth_logits(self, feats: torch.Tensor, d: int, history, processor) -> torch.Tensor:
+        """(m, D) outputs of depth d - 1's rows -> (m, V) logits of their children at depth d, processed."""
+        logits = feats @ self.w.out_t  # (m, V)
+        if processor is not None:  # depth d drafts d - 1 tokens past the root (root copies stand in for them)
+            rows = torch.cat([history, history[:, -1:].expand(1, d - 1)], dim=1)  # (1, t + d - 1)
+            logits = processor(rows.expand(logits.shape[0], -1), logits.float())
+        return logits
+
     def draft(self, plan: TreePlan, root: torch.Tensor, root_feat: torch.Tensor, history, processor):
         """(N+1,) tree tokens: each node is its parent's rank-r candidate, depth by depth."""
         tokens = torch.empty(plan.size, dtype=torch.long, device=root_feat.device)
@@ -439,10 +447,7 @@ class DraftSession:
         feats = root_feat[None]  # (1, D): outputs of the inner rows of the depth above
         written = 0
         for d, nodes in enumerate(plan.nodes, start=1):
-            logits = feats @ self.w.out_t  # (m_{d-1}, V)
-            if processor is not None:  # depth d drafts d - 1 tokens past the root (root copies stand in for them)
-                rows = torch.cat([history, history[:, -1:].expand(1, d - 1)], dim=1)  # (1, t + d - 1)
-                logits = processor(rows.expand(logits.shape[0], -1), logits.float())
+            logits = self.depth_logits(feats, d, history, processor)  # (m_{d-1}, V)
             top = torch.topk(logits, plan.max_rank + 1, dim=-1).indices  # (m_{d-1}, K)
             tokens[nodes] = top[plan.parent_row[d - 1], plan.ranks[d - 1]]
             inner = plan.inner[d - 1]

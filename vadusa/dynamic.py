@@ -82,10 +82,7 @@ def draft(session, spec: DynamicTree, depth: int, root, root_feat, history, proc
     ancestors = torch.zeros(0, 0, dtype=torch.bool)  # (rows, rows): scratch rows each scratch row sees
     drafted = 1
     for d in range(1, depth + 1):
-        logits = feats @ w.out_t  # (m, V)
-        if processor is not None:  # depth d drafts d - 1 tokens past the root (root copies stand in for them)
-            rows = torch.cat([history, history[:, -1:].expand(1, d - 1)], dim=1)  # (1, t + d - 1)
-            logits = processor(rows.expand(logits.shape[0], -1), logits.float())
+        logits = session.depth_logits(feats, d, history, processor)  # (m, V)
         top = torch.topk(torch.log_softmax(logits.float(), -1), min(k, logits.shape[-1]), dim=-1)  # (m, k)
         paths = (above_score[:, None] + top.values.double()).flatten()  # (m * k,) path log-probabilities
         tok.append(top.indices.flatten())
