@@ -170,21 +170,23 @@ def test_step_parts_run_the_engine_and_leave_its_state_as_they_found_it(llama_an
 
 def test_warm_start_follows_a_changed_base_and_refuses_another_kind(llama_and_drafter, tmp_path):
     """init_heads loads a drafter trained on an earlier version of the base (a fine-tune): weights copied, the
-    new drafter carries the new base's fingerprint; a drafter of another kind or depth is refused."""
+    new drafter carries the new base's fingerprint; it may unroll deeper than the one it starts from (the depth
+    is a training length, not a layout); a drafter of another kind or size is refused."""
     from vadusa import train
 
     model, drafter = llama_and_drafter
     drafter.save_pretrained(tmp_path / "d")
     finetuned = tiny_llama(seed=9)  # same shapes, other weights: load_drafter(.., finetuned) would refuse it
-    fresh = FeatureDrafter.from_model(finetuned, depth=4, seed=1)
-    train.warm_start(fresh, train.TrainConfig(kind="feature", num_heads=4, init_heads=str(tmp_path / "d")))
-    for (k, a), (_, b) in zip(drafter.state_dict().items(), fresh.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k
-    assert fresh.config.base_fingerprint != drafter.config.base_fingerprint
-    fresh.check_compatible(finetuned)  # bound to the new base
-    with pytest.raises(ValueError, match=r"holds \('feature', 4\), the config asks for \('feature', 3\)"):
-        train.warm_start(FeatureDrafter.from_model(finetuned, depth=3), train.TrainConfig(
-            kind="feature", num_heads=3, init_heads=str(tmp_path / "d")))  # fmt: skip
+    for depth in (4, 7):
+        fresh = FeatureDrafter.from_model(finetuned, depth=depth, seed=1)
+        train.warm_start(fresh, train.TrainConfig(kind="feature", num_heads=depth, init_heads=str(tmp_path / "d")))
+        for (k, a), (_, b) in zip(drafter.state_dict().items(), fresh.state_dict().items(), strict=True):
+            assert torch.equal(a, b), k
+        assert fresh.config.base_fingerprint != drafter.config.base_fingerprint and fresh.max_depth == depth
+        fresh.check_compatible(finetuned)  # bound to the new base
+    wider = FeatureDrafter.from_model(finetuned, depth=4, intermediate_size=3 * finetuned.config.hidden_size)
+    with pytest.raises(ValueError, match=r"does not fit this model's sizes"):
+        train.warm_start(wider, train.TrainConfig(kind="feature", num_heads=4, init_heads=str(tmp_path / "d")))
     heads = vadusa.DraftHeads.from_model(finetuned, num_heads=4)
-    with pytest.raises(ValueError, match=r"holds \('feature', 4\), the config asks for \('heads', 4, 1, False\)"):
+    with pytest.raises(ValueError, match=r"holds \('feature',\), the config asks for \('heads', 4, 1, False\)"):
         train.warm_start(heads, train.TrainConfig(num_heads=4, init_heads=str(tmp_path / "d")))

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from .accept import TYPICAL_ALPHA, TYPICAL_EPSILON, typical_threshold
 from .drafter import FeatureDrafter
-from .generate import as_processor
 from .heads import DraftHeads
+from .processors import as_processor
 from .train import TrainConfig, batch_hidden, sample_batch
 from .tree import expected_accept_length, greedy_tree_order
 

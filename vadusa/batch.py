@@ -26,7 +26,7 @@ import torch
 from .accept import sample
 from .cache import BufferCache, num_decoder_layers
 from .checks import check_values
-from .drafter import FeatureDrafter, decoding_weights, tree_plan
+from .drafter import FeatureDrafter, decoding_weights, tree_plan, unit
 from .generate import (
     GenerationOutput,
     check_context,
@@ -35,12 +35,12 @@ from .generate import (
     follow,
     node_probs,
     output_logits,
-    reads_history,
     scores_to_probs,
     split_model,
     take,
     walk_buffers,
 )
+from .processors import reads_history
 
 
 # ----- input checks -----
@@ -335,11 +335,11 @@ class BatchDraftSession:
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """(B, n, D) residual and (B, h, n, dh) attention output -> (B, n, D) predicted next features."""
-        b, n, normalize = x.shape[0], x.shape[1], torch.nn.functional.normalize
+        b, n = x.shape[0], x.shape[1]
         x = x + attended.transpose(1, 2).reshape(b, n, self.dim) @ self.w.w_o
-        gate, up = (normalize(x, dim=-1) @ self.w.w_gate_up).chunk(2, -1)
+        gate, up = (unit(x) @ self.w.w_gate_up).chunk(2, -1)
         x = x + (torch.nn.functional.silu(gate) * up) @ self.w.w_down
-        return normalize(x, dim=-1) * self.w.out_scale
+        return unit(x) * self.w.out_scale
 
     def commit(self, tokens: torch.Tensor, feats: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Row b's first counts[b] of (B, m) tokens / (B, m, D) true features join its prefix -> (B, D) the output
@@ -349,7 +349,7 @@ class BatchDraftSession:
         start, end = self.lengths, self.lengths + counts
         feats = feats.to(self.w.feat_proj.dtype)  # the base's states, cast to the drafter's dtype
         x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (B, m, D)
-        xn = torch.nn.functional.normalize(x, dim=-1)
+        xn = unit(x)
         kv = xn @ self.w.w_kv  # (B, m, 3D): k, v, rot(k)
         pos = (start[:, None] + torch.arange(m, device=tokens.device)).clamp(max=self.capacity - 1)  # (B, m)
         k = kv[..., :d] * self.cos[pos][..., d:] + kv[..., 2 * d :] * self.sin[pos][..., d:]  # (B, m, D) rotary k
@@ -373,7 +373,7 @@ class BatchDraftSession:
         b, k = tokens.shape
         d, h, dh = self.dim, self.heads, self.dh
         x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (B, k, D)
-        y = torch.nn.functional.normalize(x, dim=-1) @ self.w.w_qkv  # (B, k, 5D): q, k, v, rot(q), rot(k)
+        y = unit(x) @ self.w.w_qkv  # (B, k, 5D): q, k, v, rot(q), rot(k)
         qk = y[..., : 2 * d] * self.cos[position][:, None] + y[..., 3 * d :] * self.sin[position][:, None]
         qk = qk.view(b, k, 2, h, dh).permute(2, 0, 3, 1, 4)  # (2, B, h, k, dh)
         self.write(qk[1], y[..., 2 * d : 3 * d].view(b, k, h, dh).transpose(1, 2), self.lengths + written)
@@ -457,7 +457,7 @@ def generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, to
     device, dtype = model.device, out_layer.weight.dtype
     ancestors = tree.ancestor_mask.to(device)  # (n, n)
     depths = tree.depths.to(device)  # (n,)
-    buffers = walk_buffers(tree, device)
+    buffers = tree.memo(("walk", device), lambda: walk_buffers(tree, device))
     width = buffers.child_index.shape[1]
     valid = buffers.child_index >= 0  # (n, C)
 
@@ -469,7 +469,7 @@ def generate_rows(model, heads, ids, mask, tree, max_new_tokens, temperature, to
            step=False)  # fmt: skip
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's cache: rows (x_{j+1}, f_j) of each row's prompt, the root's last
-        plan = tree_plan(tree, heads.dtype)
+        plan = tree.memo(("plan", heads.dtype), lambda: tree_plan(tree, heads.dtype))
         session = BatchDraftSession(heads, model, r.active, r.capacity)
         index = (r.pad[:, None] + torch.arange(r.width, device=device)).clamp(max=r.width - 1)  # (B, T) left-aligned
         root_feats = session.commit(

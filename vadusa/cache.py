@@ -123,8 +123,16 @@ class BufferCache(Cache):
         super().__init__(layers=[BufferLayer(max_len) for _ in range(num_layers)])
         self.max_len = max_len
 
-    def keep(self, start: int, index: torch.Tensor) -> None:
-        """Compact every layer to the prefix [0, start) followed by positions start + index."""
+    def keep(self, start: int, path: list[int]) -> None:
+        """Compact every layer to the prefix [0, start) followed by positions start + path (ascending node ids).
+        A path that is already in place (0, 1, 2, ...: any walk down a chain) only drops what follows it."""
+        if not self.layers[0].is_initialized:
+            return
+        if path == list(range(len(path))):
+            for layer in self.layers:
+                layer.crop(start + len(path) - layer.length)
+            return
+        index = torch.tensor(path, device=self.layers[0].key_buffer.device)
         for layer in self.layers:
             layer.keep(start, index)
 

@@ -79,7 +79,8 @@ def step_parts(model, drafter, tree: Tree, logits_processor=None, prefix_len: in
     """
     from .accept import get_rule
     from .drafter import DraftSession, FeatureDrafter, tree_plan
-    from .generate import as_processor, draft_tokens, node_probs, walk, walk_buffers
+    from .generate import draft_tokens, node_probs, walk, walk_buffers
+    from .processors import as_processor
 
     body, out_layer = split_model(model)
     dtype, device = out_layer.weight.dtype, model.device
@@ -132,7 +133,7 @@ def step_parts(model, drafter, tree: Tree, logits_processor=None, prefix_len: in
         if not after_verify:  # n rows to compact, as a verification pass leaves them
             for layer in cache.layers:
                 layer.update(layer.key_buffer[:, :, :n], layer.value_buffer[:, :, :n])
-        cache.keep(past, torch.tensor(path, device=device))
+        cache.keep(past, path)
         state["tokens"][path[1:]].tolist()
         cache.crop(-(len(path)))
 
@@ -157,7 +158,8 @@ def tree_step(model, drafter, tree: Tree, logits_processor=None, prefix_len: int
 def ar_step(model, logits_processor=None, prefix_len: int = 128):
     """A closure running one `generate_ar` step (one-token forward, output layer, processors, a draw)."""
     from .accept import sample
-    from .generate import as_processor, logits_to_probs
+    from .generate import logits_to_probs
+    from .processors import as_processor
 
     body, out_layer = split_model(model)
     vocab = out_layer.weight.shape[0]

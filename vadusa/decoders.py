@@ -20,8 +20,9 @@ import torch
 from .blockdiff.generate import block_factory
 from .checks import check_values
 from .draft import vadusa_factory
-from .generate import GenerationOutput, as_processor, check_prompt, generate_ar
+from .generate import GenerationOutput, check_prompt, generate_ar
 from .hf import sampling_config, vadusa_hf_factory
+from .processors import as_processor
 
 Run = Callable[..., GenerationOutput]
 

@@ -41,6 +41,7 @@ from .heads import (
     reduced_precision,
     save_artifact,
 )
+from .processors import reads_history
 
 KIND = "feature"  # config.json "kind" of a feature drafter (draft heads have none)
 
@@ -77,11 +78,29 @@ class DrafterConfig:
 
 
 def base_fingerprint(model) -> str:
-    """sha256 prefix of the base's output layer (what the drafter's features are read through)."""
+    """sha256 prefix of the base's output layer (what the drafter's features are read through).
+
+    Remembered per weight tensor until it changes (every generate call checks it: hashing the demo's output
+    layer each time cost 0.6 ms a call, ~5% of a short synthesis' decoding)."""
     import hashlib
 
-    w = model.get_output_embeddings().weight.detach().float().cpu().contiguous()
-    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+    weight = model.get_output_embeddings().weight
+    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, None if weight.is_inference() else weight._version)
+    if key not in _FINGERPRINTS:
+        w = weight.detach().float().cpu().contiguous()
+        if len(_FINGERPRINTS) >= 64:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[key] = hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}  # (data_ptr, shape, dtype, version) of an output layer -> its fingerprint
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) rows scaled to unit length (x / rms(x) / sqrt(D): decoding folds sqrt(D) into the next matrix),
+    as F.normalize does, in about 60% of its time on one row here (its Python wrappers cost more than the kernel)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -276,6 +295,8 @@ class TreePlan:
     inner: list[torch.Tensor]  # inner[d-1] (m_d,): node ids at depth d that have children
     inner_row: list[torch.Tensor]  # (m_d,): row of each inner node among depth d's nodes
     bias: list[torch.Tensor]  # (m_d, m_1 + .. + m_d): additive mask of the inner rows over tree rows
+    open: list[bool]  # whether bias[d-1] is all zeros (every inner row sees every tree row: a chain's), so
+    # the depth's attention needs no mask
     inner_parent_row: list[torch.Tensor]  # (m_d,): row of each inner node's parent among depth d-1's inner nodes
     max_rank: int  # the highest rank the tree reads
     size: int  # nodes, root included
@@ -289,7 +310,7 @@ def tree_plan(tree, dtype=torch.float32) -> TreePlan:
     inner = [[i for i in by_depth[d] if has_kids[i]] for d in range(depth + 1)]  # inner[0] = [root]
     tree_rows = [i for d in range(1, depth + 1) for i in inner[d]]  # scratch rows, depth by depth
     row = {n: r for r, n in enumerate(tree_rows)}
-    plan = TreePlan([], [], [], [], [], [], [], tree.max_rank, len(tree))
+    plan = TreePlan([], [], [], [], [], [], [], [], tree.max_rank, len(tree))
     for d in range(1, depth + 1):
         nodes = by_depth[d]
         plan.nodes.append(torch.tensor(nodes, dtype=torch.long))
@@ -304,6 +325,7 @@ def tree_plan(tree, dtype=torch.float32) -> TreePlan:
                 if tree.ancestor_mask[n, a]:
                     bias[i, row[a]] = 0.0
         plan.bias.append(bias)
+        plan.open.append(bool((bias == 0).all()))
         plan.inner_parent_row.append(plan.parent_row[-1][plan.inner_row[-1]])
     return plan
 
@@ -338,7 +360,7 @@ def decoding_weights(drafter: FeatureDrafter, model) -> DecodingWeights:
     with torch.no_grad():
         w = {"out_t": model.get_output_embeddings().weight.to(dtype).T.contiguous()}  # (D, V) the base's
         embed = model.get_input_embeddings().weight.to(dtype)
-        root_d = d**0.5  # F.normalize(x) * sqrt(D) is x / rms(x)
+        root_d = d**0.5  # unit(x) * sqrt(D) is x / rms(x)
         w["token_proj"] = embed @ drafter.fc[:, :d].T  # (V, D) token half of the input projection
         w["feat_proj"] = drafter.fc[:, d:].T.contiguous()  # (D, D) feature half
         q, k, v = (drafter.qkv * drafter.attn_norm * root_d).split(d)  # (D, D) each, rows = outputs
@@ -376,39 +398,42 @@ class DraftSession:
         device, dtype = self.w.out_t.device, self.w.out_t.dtype
         self.keys = torch.zeros(1, h, capacity, self.dh, device=device, dtype=dtype)
         self.values = torch.zeros(1, h, capacity, self.dh, device=device, dtype=dtype)
-        self.mask = torch.zeros(capacity, capacity, device=device, dtype=dtype)  # additive, zero but where written
+        self.mask = None  # (capacity, capacity) additive, zero but where written; allocated when a tree needs it
         self.length = 0  # committed rows
         cos, sin = drafter.rope(torch.arange(capacity, device=device))  # (capacity, dh)
         self.cos, self.sin = cos.to(dtype).repeat(1, 2 * h), sin.to(dtype).repeat(1, 2 * h)  # (capacity, 2D): q, k
 
     def rows(self, tokens: torch.Tensor, feats: torch.Tensor, position: int, same_position: bool, start: int, bias):
         """Run rows (n,) tokens / (n, D) features, writing their keys at [start, start + n); each sees the
-        committed rows and the scratch rows [length, start + n) through `bias`. Positions: `position` for
-        every row (tree rows of one depth), or position, position+1, ... (committed rows). -> (n, D)."""
+        committed rows and the scratch rows [length, start + n) through `bias` (None: every one of them).
+        Positions: `position` for every row (tree rows of one depth), or position, position+1, ... (committed
+        rows). -> (n, D)."""
         n, end, d, h, dh = tokens.shape[0], start + tokens.shape[0], self.dim, self.heads, self.dh
-        normalize = nn.functional.normalize
-        x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (n, D)
-        y = normalize(x, dim=-1) @ self.w.w_qkv  # (n, 5D): q, k, v, rot(q), rot(k)
+        x = torch.addmm(self.w.token_proj[tokens], feats, self.w.feat_proj)  # (n, D)
+        y = unit(x) @ self.w.w_qkv  # (n, 5D): q, k, v, rot(q), rot(k)
         span = slice(position, position + 1) if same_position else slice(position, position + n)
-        qk = y[:, : 2 * d] * self.cos[span] + y[:, 3 * d :] * self.sin[span]  # (n, 2D) rotary q, k
+        qk = torch.addcmul(y[:, : 2 * d] * self.cos[span], y[:, 3 * d :], self.sin[span])  # (n, 2D) rotary q, k
         qk = qk.view(n, 2, h, dh).permute(1, 2, 0, 3)  # (2, h, n, dh)
         self.keys[0, :, start:end] = qk[1]
         self.values[0, :, start:end] = y[:, 2 * d : 3 * d].view(n, h, dh).transpose(0, 1)
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+        if bias is None:
+            attended = nn.functional.scaled_dot_product_attention(qk[:1], keys, values)  # (1, h, n, dh)
+            return self.finish(x, attended)
+        if self.mask is None:
+            self.mask = self.keys.new_zeros(self.keys.shape[2], self.keys.shape[2])
         mask = self.mask[:n, :end]  # (n, end)
         mask[:, self.length :] = bias
-        attended = nn.functional.scaled_dot_product_attention(
-            qk[:1], self.keys[:, :, :end], self.values[:, :, :end], attn_mask=mask
-        )  # (1, h, n, dh)
+        attended = nn.functional.scaled_dot_product_attention(qk[:1], keys, values, attn_mask=mask)
         mask[:, self.length :] = 0.0
         return self.finish(x, attended)
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """(n, D) residual and (1, h, n, dh) attention output -> (n, D) predicted next features."""
-        n, normalize = x.shape[0], nn.functional.normalize
-        x = x + attended[0].transpose(0, 1).reshape(n, self.dim) @ self.w.w_o
-        gate, up = (normalize(x, dim=-1) @ self.w.w_gate_up).chunk(2, -1)
-        x = x + (nn.functional.silu(gate) * up) @ self.w.w_down
-        return normalize(x, dim=-1) * self.w.out_scale  # (n, D)
+        x = torch.addmm(x, attended[0].transpose(0, 1).reshape(x.shape[0], self.dim), self.w.w_o)
+        gate, up = (unit(x) @ self.w.w_gate_up).chunk(2, -1)
+        x = torch.addmm(x, nn.functional.silu(gate) * up, self.w.w_down)
+        return unit(x) * self.w.out_scale  # (n, D)
 
     def commit(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Rows with true inputs (x_{j+1}, f_j) become part of the prefix; -> (D,) the last row's output.
@@ -418,14 +443,14 @@ class DraftSession:
         n, start, d, h, dh = tokens.shape[0], self.length, self.dim, self.heads, self.dh
         end = start + n
         feats = feats.to(self.w.feat_proj.dtype)  # the base's states, cast to the drafter's dtype
-        x = self.w.token_proj[tokens] + feats @ self.w.feat_proj  # (n, D)
-        xn = nn.functional.normalize(x, dim=-1)
+        x = torch.addmm(self.w.token_proj[tokens], feats, self.w.feat_proj)  # (n, D)
+        xn = unit(x)
         kv = xn @ self.w.w_kv  # (n, 3D): k, v, rot(k)
-        k = kv[:, :d] * self.cos[start:end, d:] + kv[:, 2 * d :] * self.sin[start:end, d:]  # (n, D) rotary k
+        k = torch.addcmul(kv[:, :d] * self.cos[start:end, d:], kv[:, 2 * d :], self.sin[start:end, d:])  # (n, D)
         self.keys[0, :, start:end] = k.view(n, h, dh).transpose(0, 1)
         self.values[0, :, start:end] = kv[:, d : 2 * d].view(n, h, dh).transpose(0, 1)
         qr = xn[-1:] @ self.w.w_q  # (1, 2D): q, rot(q) of the last row, which sees every committed row
-        q = qr[:, :d] * self.cos[end - 1 : end, :d] + qr[:, d:] * self.sin[end - 1 : end, :d]
+        q = torch.addcmul(qr[:, :d] * self.cos[end - 1 : end, :d], qr[:, d:], self.sin[end - 1 : end, :d])
         attended = nn.functional.scaled_dot_product_attention(
             q.view(1, h, 1, dh), self.keys[:, :, :end], self.values[:, :, :end]
         )  # (1, h, 1, dh)
@@ -435,10 +460,13 @@ class DraftSession:
     def depth_logits(self, feats: torch.Tensor, d: int, history, processor) -> torch.Tensor:
         """(m, D) outputs of depth d - 1's rows -> (m, V) logits of their children at depth d, processed."""
         logits = feats @ self.w.out_t  # (m, V)
-        if processor is not None:  # depth d drafts d - 1 tokens past the root (root copies stand in for them)
-            rows = torch.cat([history, history[:, -1:].expand(1, d - 1)], dim=1)  # (1, t + d - 1)
-            logits = processor(rows.expand(logits.shape[0], -1), logits.float())
-        return logits
+        if processor is None:
+            return logits
+        if not reads_history(processor):
+            return processor(history.expand(logits.shape[0], -1), logits.float())
+        # depth d drafts d - 1 tokens past the root (root copies stand in for them)
+        rows = torch.cat([history, history[:, -1:].expand(1, d - 1)], dim=1)  # (1, t + d - 1)
+        return processor(rows.expand(logits.shape[0], -1), logits.float())
 
     def draft(self, plan: TreePlan, root: torch.Tensor, root_feat: torch.Tensor, history, processor):
         """(N+1,) tree tokens: each node is its parent's rank-r candidate, depth by depth."""
@@ -455,6 +483,7 @@ class DraftSession:
                 break
             parent_feats = feats[plan.inner_parent_row[d - 1]]  # (m_d, D)
             start = self.length + written
-            feats = self.rows(tokens[inner], parent_feats, self.length - 1 + d, True, start, plan.bias[d - 1])
+            bias = None if plan.open[d - 1] else plan.bias[d - 1]
+            feats = self.rows(tokens[inner], parent_feats, self.length - 1 + d, True, start, bias)
             written += len(inner)
         return tokens

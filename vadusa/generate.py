@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessorList
 
 from .accept import get_rule, sample
 from .cache import BufferCache, num_decoder_layers
@@ -27,6 +26,7 @@ from .dynamic import DynamicTree, check_drafter
 from .dynamic import buffers as dynamic_buffers
 from .dynamic import draft as dynamic_draft
 from .heads import DraftHeads
+from .processors import as_processor, reads_history
 from .tree import Tree
 
 _NO_CHILDREN = torch.empty(0, dtype=torch.long)
@@ -139,21 +139,6 @@ def eos_set(eos_token_id) -> set[int]:
     if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) and e >= 0 for e in ids):
         raise ValueError(f"eos_token_id must be None, a token id >= 0 or a list of them, got {eos_token_id!r}")
     return {int(e) for e in ids}
-
-
-class Processors(LogitsProcessorList):
-    """A LogitsProcessorList that calls its processors directly: transformers' own reads every processor's
-    signature on every call (~30 us each here, a few % of a demo AR step). Decoding passes no extra kwargs."""
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        for processor in self:
-            scores = processor(input_ids, scores)
-        return scores
-
-
-def as_processor(logits_processor) -> Processors | None:
-    """None, a processor list or an iterable of processors -> `Processors` (None when empty)."""
-    return Processors(logits_processor) if logits_processor else None
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -470,11 +455,6 @@ def node_probs(
     return scores_to_probs(scores, history, None, temperature, top_k, top_p, min_p)
 
 
-def reads_history(processor) -> bool:
-    """Whether any processor may read input_ids (only ones that say `reads_history = False` do not)."""
-    return any(getattr(p, "reads_history", True) for p in processor)
-
-
 def walk(probs, tokens, buffers: WalkBuffers, rule, u) -> tuple[list[int], int]:
     """The rule decides at every node at once (`rule.batch`); then an integer walk from the root.
 
@@ -571,7 +551,7 @@ def generate(
     else:
         tree_bias = tree.attention_bias(dtype).to(device)  # (n, n)
         depths = tree.depths.to(device)  # (n,)
-        buffers = walk_buffers(tree, device)
+        buffers = tree.memo(("walk", device), lambda: walk_buffers(tree, device))
         width = buffers.child_index.shape[1]
 
     prompt_states = body(**d.prompt_inputs(), past_key_values=d.cache, use_cache=True).last_hidden_state[0]  # (P, D)
@@ -582,7 +562,7 @@ def generate(
     feature = isinstance(heads, FeatureDrafter)
     if feature:  # the drafter's own cache: rows (x_{j+1}, f_j) of the prompt, the root's last
         session = DraftSession(heads, model, d.seq.shape[1])
-        plan = None if dynamic else tree_plan(tree, heads.dtype)
+        plan = None if dynamic else tree.memo(("plan", heads.dtype), lambda: tree_plan(tree, heads.dtype))
         skip = max(d.history_start - 1, 0)  # an embeddings prompt has no token ids: commit its last row alone
         root_feat = session.commit(d.seq[0, 1 + skip : d.length], prompt_states[skip:])  # (D,)
     while not d.done:
@@ -604,7 +584,7 @@ def generate(
         probs = node_probs(logits, tokens, history, buffers, processor, temperature, top_k, top_p, min_p)  # (n, V)
         path, next_root = walk(probs, tokens, buffers, rule, rule.uniforms(n, width, generator, device))
 
-        d.cache.keep(past, torch.tensor(path, device=device))
+        d.cache.keep(past, path)
         hidden = states[path[-1]]
         accepted = tokens[path[1:]].tolist() + [next_root]
         if feature:

@@ -43,7 +43,8 @@ from transformers.generation import (
 from .checks import check_values
 from .draft import resolve_tree, vadusa_factory
 from .drafter import load_drafter
-from .generate import GenerationOutput, as_processor, check_prompt, generate
+from .generate import GenerationOutput, check_prompt, generate
+from .processors import as_processor
 
 NATIVE_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)  # in their order
 HISTORY_FREE = (SuppressTokensLogitsProcessor, *NATIVE_WARPERS)  # transformers processors that ignore input_ids

@@ -46,8 +46,9 @@ from . import distributed
 from .artifacts import read_lines
 from .checks import check_fields, check_values
 from .drafter import FeatureDrafter, load_drafter
-from .generate import as_processor, split_model
+from .generate import split_model
 from .heads import DraftHeads
+from .processors import as_processor
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -600,9 +601,10 @@ def _write_text(path: Path, text: str) -> None:
 
 # ----- training -----
 def _layout(drafter) -> tuple:
-    """What a warm start must match: the kind and its layer counts."""
+    """What a warm start must match: the kind and its layer counts (a feature drafter's depth is how far training
+    unrolls its one layer, not a layout: a warm start may train it deeper)."""
     if isinstance(drafter, FeatureDrafter):
-        return ("feature", drafter.config.depth)
+        return ("feature",)
     c = drafter.config
     return ("heads", c.num_heads, c.num_layers, c.root_token)
 

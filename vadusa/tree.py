@@ -111,6 +111,14 @@ class Tree:
             )
 
     # ----- buffers (built once per tree) -----
+    def memo(self, key, build):
+        """build() once per tree and key, then the same object: what a decoder derives from a tree (its drafting
+        plan, its walk buffers) is built on the first call, not on every one. The result must not be mutated."""
+        store = self.__dict__.setdefault("_memo", {})
+        if key not in store:
+            store[key] = build()
+        return store[key]
+
     @cached_property
     def _index(self) -> dict[tuple[int, ...], int]:
         return {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}

@@ -48,12 +48,11 @@ from ..checks import check_values
 from ..generate import (
     GenerationOutput,
     _Decoding,
-    as_processor,
     output_logits,
-    reads_history,
     scores_to_probs,
     split_model,
 )
+from ..processors import as_processor, reads_history
 from .masks import MaskBuffer
 
 
