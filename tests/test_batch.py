@@ -1,7 +1,6 @@
 """Batched decoding (vadusa.batch): every row of a batch decodes exactly as it would alone."""
 
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from tests.test_generate import Recorder, exact_joint, total_variation
 from vadusa.batch import left_pad
 
 MODELS = {"llama": tiny_llama, "gpt2": lambda: tiny_gpt2(init=0.2)}  # init: greedy decodes that do not just repeat
-SHIPPED_TREE = Path(__file__).resolve().parents[1] / "trees" / "demo-greedy-8.json"  # 9 nodes, depth 6, ranks 0-1
+# the demo's greedy tree of 2026-12-06 (9 nodes, depth 6, ranks 0-1): a chain with two side branches
+BRANCHED_PATHS = [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
 PROMPTS = [[3, 17, 5, 40, 22, 9], [1, 2], [7, 7, 7, 1, 30], [4, 30, 2, 11, 8, 6, 13, 21]]  # 4 different lengths
 BUDGET = 40
 
@@ -41,21 +41,21 @@ def setup():
 
 def decoders(setup, medusa_tree):
     model, heads, drafter, _ = setup
-    shipped = vadusa.Tree.from_json(SHIPPED_TREE)
+    branched = vadusa.Tree.from_paths(BRANCHED_PATHS)
     runs = {"ar": lambda ids, **kw: vadusa.generate_ar(model, ids, **kw)}
     for kind, draft in (("heads", heads), ("feature", drafter)):
-        for name, tree in (("chain", vadusa.Tree.chain(6)), ("medusa63", medusa_tree), ("shipped", shipped)):
+        for name, tree in (("chain", vadusa.Tree.chain(6)), ("medusa63", medusa_tree), ("branched", branched)):
             runs[f"{kind}-{name}"] = lambda ids, draft=draft, tree=tree, **kw: vadusa.generate(
                 model, draft, ids, tree=tree, **kw
             )
     return runs
 
 
-DECODERS = ["ar"] + [f"{k}-{t}" for k in ("heads", "feature") for t in ("chain", "medusa63", "shipped")]
+DECODERS = ["ar"] + [f"{k}-{t}" for k in ("heads", "feature") for t in ("chain", "medusa63", "branched")]
 
 
 ROW_CASES = [("llama", d) for d in DECODERS] + [
-    ("gpt2", d) for d in ("ar", "heads-chain", "heads-medusa63", "feature-shipped")
+    ("gpt2", d) for d in ("ar", "heads-chain", "heads-medusa63", "feature-branched")
 ]
 
 
@@ -91,7 +91,7 @@ def test_batch_rows_equal_single_decodes(medusa_tree, name, decoder):
         assert max(a for row in out.row_accepted_lengths for a in row) >= 2, out.row_accepted_lengths
 
 
-@pytest.mark.parametrize("decoder", ["ar", "heads-medusa63", "feature-shipped"])
+@pytest.mark.parametrize("decoder", ["ar", "heads-medusa63", "feature-branched"])
 def test_batch_processors_read_each_rows_own_history(setup, medusa_tree, decoder):
     """A history-reading processor (repetition penalty) in a batch: each row's tokens are its batch-1 tokens."""
     run = decoders(setup, medusa_tree)[decoder]
@@ -286,7 +286,7 @@ def test_shipped_synthesize_batch_equals_synthesize_and_cli(tmp_path):
         decode.parse_args(argv + ["--batch-size", "0"])
 
 
-@pytest.mark.parametrize("decoder", ["ar", "heads-chain", "feature-shipped"])
+@pytest.mark.parametrize("decoder", ["ar", "heads-chain", "feature-branched"])
 def test_batch_rows_read_top_p(setup, medusa_tree, decoder):
     """Batched rows apply top-p like single requests: sampling at T=1 with a nucleus of one token (top_p tiny) is
     greedy decoding, row for row; without top-p the same sampled batch leaves the greedy tokens."""

@@ -9,6 +9,7 @@ from tests.conftest import tiny_llama
 from vadusa.bench import (
     BenchTask,
     RowSpec,
+    marker_labels,
     pareto_front,
     parse_configs,
     prepare_out_dir,
@@ -65,6 +66,12 @@ def test_report_follows_schema_and_speedups_are_measured_ratios(report, tmp_path
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     table = (out / "report.md").read_text().splitlines()
     assert sum(line.startswith("| ar") or line.startswith("| hf") for line in table) == 4
+
+
+def test_marker_labels_merge_coinciding_markers_only():
+    points = [(0.085, 0.86), (0.076, 1.0), (0.0711, 1.88), (0.072, 1.43), (0.0711, 1.881), (0.070, 1.56)]
+    assert marker_labels(points) == ["1", "2", "3, 5", "4", "", "6"]
+    assert marker_labels([(0.1, 1.0), (0.1, 1.0)]) == ["1, 2", ""]  # no spread at all
 
 
 def test_pareto_front():

@@ -423,6 +423,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     ]
 
 
+def marker_labels(points: list[tuple[float, float]], tol: float = 0.015) -> list[str]:
+    """The number drawn beside each row's marker (1-based): rows whose markers coincide, within `tol` of either
+    axis' range (the same tokens through two front ends: vadusa and vadusa-hf), share one label "3, 7" drawn
+    at the first of them, so no two labels sit on each other."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    dx, dy = tol * ((max(xs) - min(xs)) or 1.0), tol * ((max(ys) - min(ys)) or 1.0)
+    labels, owner = [""] * len(points), []  # owner: (index of the row holding a label, its point)
+    for i, (x, y) in enumerate(points):
+        for j, (ox, oy) in owner:
+            if abs(x - ox) <= dx and abs(y - oy) <= dy:
+                labels[j] += f", {i + 1}"
+                break
+        else:
+            owner.append((i, (x, y)))
+            labels[i] = str(i + 1)
+    return labels
+
+
 def plot_pareto(report: dict, path: Path) -> None:
     """Speed-up vs CER (or NLL without a judge), one marker per row, the frontier drawn."""
     import matplotlib
@@ -435,13 +453,15 @@ def plot_pareto(report: dict, path: Path) -> None:
     x_key = "cer" if use_cer else "nll_per_token"
     points = [(r[x_key], r["speedup_vs_ar"]) for r in rows]
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    for n, (r, (x, y)) in enumerate(zip(rows, points, strict=True), start=1):
+    labels = marker_labels(points)
+    for n, (r, (x, y), text) in enumerate(zip(rows, points, labels, strict=True), start=1):
         ci = r.get("cer_ci") if use_cer else None
         xerr = [[x - ci[0]], [ci[1] - x]] if ci else None
         label = r["decoder"] + (" " + ",".join(f"{k}={v}" for k, v in r["config"].items()) if r["config"] else "")
         ax.errorbar(x, y, xerr=xerr, fmt="o", ms=5, capsize=2, lw=0.8, label=f"{n}: {label}")
         # numbered markers, full labels in the legend: long labels never pile up on each other
-        ax.annotate(str(n), (x, y), fontsize=7, xytext=(4, 4 if n % 2 else -9), textcoords="offset points")
+        if text:
+            ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 if n % 2 else -9), textcoords="offset points")
     front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto frontier")
     ax.set_xlabel(
