@@ -285,7 +285,7 @@ def test_bad_inputs_raise(model_heads_report, tmp_path):
     wider = vadusa.DraftHeads.from_model(model, num_heads=2)
     with pytest.raises(ValueError, match="exceeds the number of draft heads"):
         vadusa.build_decoder("vadusa", model, heads=wider, tree=vadusa.Tree.chain(3))
-    with pytest.raises(FileNotFoundError, match="tree-tau3.json"):
+    with pytest.raises(FileNotFoundError, match="tree-typical.json"):
         vadusa.build_decoder("vadusa", model, heads=str(tmp_path / "heads"), tree="auto")
     with pytest.raises(FileNotFoundError, match="draft heads directory"):
         vadusa.build_decoder("vadusa", model, heads=str(tmp_path / "missing"))

@@ -1,6 +1,6 @@
 """The "vadusa" decoder: draft heads + a sparse tree + an acceptance rule, bound to a model once.
 
-    run = build_decoder("vadusa", model, assets=demo_dir, tree="auto", acceptance="tolerance", tolerance=3)
+    run = build_decoder("vadusa", model, assets=demo_dir, tree="auto", acceptance="typical")  # the preset
     out = run(input_ids, max_new_tokens=..., temperature=1.0, logits_processor=..., eos_token_id=..., generator=g)
 
 Artifacts (all in the heads directory, default <assets>/heads):
@@ -82,7 +82,7 @@ def vadusa_factory(
     assets: Path | None = None,
     heads=None,
     tree="auto",
-    acceptance: str = "tolerance",
+    acceptance: str = "typical",
     tolerance: int = 3,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
@@ -91,6 +91,9 @@ def vadusa_factory(
 ):
     """Load the draft model (a directory, DraftHeads or FeatureDrafter), resolve the tree, merge a LoRA adapter
     if one sits beside the heads. Bad option values raise before anything is loaded.
+
+    The preset is typical acceptance on the builder's tree for it: the fastest rule on the demo at AR's CER
+    (README results); `acceptance="tolerance", tolerance=tau` is VADUSA's tolerance sampling.
 
     dynamic_nodes > 0: a dynamic tree (`vadusa.dynamic`, feature drafters) of that many nodes, grown per step
     with `dynamic_width`, instead of a static one (then `tree` must stay "auto")."""

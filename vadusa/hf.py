@@ -305,7 +305,7 @@ def vadusa_hf_factory(
     assets: Path | None = None,
     heads=None,
     tree="auto",
-    acceptance: str = "tolerance",
+    acceptance: str = "typical",  # the "vadusa" decoder's preset
     tolerance: int = 3,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,

@@ -37,7 +37,7 @@ class PageOptions:
     temperature: float = 1.0  # sampling temperature (0: greedy)
     seed: int = 0  # sampling seed, the same for every decoder
     tree: str = "auto"  # vadusa: tree (auto, chain, or a tree JSON file)
-    acceptance: str = "tolerance"  # vadusa: acceptance rule
+    acceptance: str = "typical"  # vadusa: acceptance rule (the decoder's preset)
     tolerance: int = 3  # vadusa: tolerance tau
     threshold: float = 0.35  # block: confidence threshold
 
@@ -259,7 +259,7 @@ def build_app(pipe: TTSPipeline, stream_audio: bool | None = None):
                     seed = gr.Number(0, label="Seed", precision=0)
                 with gr.Row():
                     tree = gr.Textbox("auto", label="vadusa tree", max_lines=1)
-                    acceptance = gr.Dropdown(["tolerance", "typical", "lossless", "greedy"], value="tolerance",
+                    acceptance = gr.Dropdown(["typical", "tolerance", "lossless", "greedy"], value="typical",
                                              label="vadusa acceptance", allow_custom_value=True)  # fmt: skip
                     tolerance = gr.Number(3, label="vadusa tolerance", precision=0)
                     threshold = gr.Number(0.35, label="block threshold", step=0.05)

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--decoder",
         default="vadusa",
-        help="vadusa (default: shipped draft heads, tolerance 3, the builder's tree), ar, block, hf-generate, "
+        help="vadusa (default: shipped draft heads, typical acceptance, the builder's tree), ar, block, hf-generate, "
         "vadusa-hf (vadusa through model.generate(custom_generate=...))",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
