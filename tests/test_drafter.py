@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, Repe
 import vadusa
 from tests.conftest import fitted_drafter, tiny_gpt2, tiny_llama
 from vadusa.accept import ACCEPTANCE_RULES, get_rule
-from vadusa.drafter import DraftSession, FeatureDrafter, load_drafter, tree_plan
+from vadusa.drafter import DraftSession, FeatureDrafter, base_fingerprint, load_drafter, tree_plan
 from vadusa.generate import logits_to_probs, node_probs, walk, walk_buffers
 
 
@@ -190,3 +190,24 @@ def test_warm_start_follows_a_changed_base_and_refuses_another_kind(llama_and_dr
     heads = vadusa.DraftHeads.from_model(finetuned, num_heads=4)
     with pytest.raises(ValueError, match=r"holds \('feature',\), the config asks for \('heads', 4, 1, False\)"):
         train.warm_start(heads, train.TrainConfig(num_heads=4, init_heads=str(tmp_path / "d")))
+
+
+def test_base_fingerprint_is_remembered_until_the_weights_change():
+    """The fingerprint is hashed once per output layer, and again after an in-place change or a swapped storage,
+    so a drafter check never passes on a stale hash."""
+    import hashlib
+
+    model = tiny_llama(seed=5)
+    weight = model.get_output_embeddings().weight
+
+    def fresh():
+        return hashlib.sha256(weight.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    first = base_fingerprint(model)
+    assert first == fresh() and base_fingerprint(model) == first
+    with torch.no_grad():
+        weight.mul_(2.0)  # in place: the version moves
+    assert base_fingerprint(model) == fresh() != first
+    weight.data = torch.randn_like(weight)  # a new storage, same version
+    assert base_fingerprint(model) == fresh()
+    assert base_fingerprint(tiny_llama(seed=6)) != base_fingerprint(model)

@@ -85,16 +85,14 @@ def base_fingerprint(model) -> str:
     import hashlib
 
     weight = model.get_output_embeddings().weight
-    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, None if weight.is_inference() else weight._version)
-    if key not in _FINGERPRINTS:
+    # the in-place version and the storage (`.data = ...` swaps it, as Module.to does): either change -> rehash
+    state = (None if weight.is_inference() else weight._version, weight.data_ptr(), weight.dtype)
+    cached = getattr(weight, "_vadusa_fingerprint", None)  # on the tensor itself: it lives and dies with it
+    if cached is None or cached[0] != state:
         w = weight.detach().float().cpu().contiguous()
-        if len(_FINGERPRINTS) >= 64:
-            _FINGERPRINTS.clear()
-        _FINGERPRINTS[key] = hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
-    return _FINGERPRINTS[key]
-
-
-_FINGERPRINTS: dict[tuple, str] = {}  # (data_ptr, shape, dtype, version) of an output layer -> its fingerprint
+        cached = (state, hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16])
+        weight._vadusa_fingerprint = cached
+    return cached[1]
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
